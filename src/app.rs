@@ -1,0 +1,82 @@
+//! The commands: configuration, exit codes, and dispatch into the library.
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+use crate::config::{ConfigError, Needs, Settings};
+use crate::{db, telemetry};
+
+/// Exit codes (sysexits where one fits).
+pub mod exit {
+    /// Done, and no row failed.
+    pub const OK: u8 = 0;
+    /// `run --once`: at least one row ended failed in this run.
+    pub const ROWS_FAILED: u8 = 1;
+    /// The API key was rejected (401/403) in `run --once`; or a command not built yet.
+    pub const AUTH_OR_UNAVAILABLE: u8 = 2;
+    /// Bad configuration (EX_USAGE); the message names the key.
+    pub const CONFIG: u8 = 64;
+    /// Any other error (EX_SOFTWARE); the message says what was being done.
+    pub const ERROR: u8 = 70;
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    let needs = match &cli.command {
+        Command::Run(args) if !args.dry_run => Needs::ApiKey,
+        _ => Needs::Nothing,
+    };
+    let settings = match load_settings(&cli, needs) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("imprint-sync: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imprint-sync: starting the runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, settings)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "imprint-sync failed");
+            eprintln!("imprint-sync: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
+fn load_settings(cli: &Cli, needs: Needs) -> Result<Settings, ConfigError> {
+    // The sandbox needs no configuration of ours: it must start even with a broken one.
+    let settings = Settings::load(cli.config.as_deref())?;
+    settings.require(needs)?;
+    Ok(settings)
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
+    match command {
+        Command::CheckConfig => {
+            print!("{}", settings.redacted_toml());
+            println!("# configuration is valid");
+            Ok(exit::OK)
+        }
+        Command::Migrate => {
+            let pool = db::pool(&settings.database)?;
+            db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(exit::OK)
+        }
+        Command::Run(_) | Command::Status { .. } | Command::Sandbox(_) | Command::Demo(_) => {
+            eprintln!("imprint-sync: not implemented yet");
+            Ok(exit::AUTH_OR_UNAVAILABLE)
+        }
+    }
+}

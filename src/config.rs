@@ -1,0 +1,410 @@
+//! Configuration: built-in defaults <- `config/default.toml` <- `--config FILE` <- environment.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// The shipped defaults file, also the built-in defaults (a test keeps them equal).
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration problem: which key, and what is wrong with it. Exits 64.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration key `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub api: ApiSettings,
+    pub sync: SyncSettings,
+    pub rate_limit: RateLimitSettings,
+    pub retention: RetentionSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub privacy: PrivacySettings,
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    #[serde(serialize_with = "redact_url_password")]
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    pub base_url: String,
+    #[serde(default, serialize_with = "redact_secret")]
+    pub key: Option<SecretString>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default, serialize_with = "redact_secret")]
+    pub merchant_key: Option<SecretString>,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSettings {
+    pub batch_size: u32,
+    pub concurrency: u32,
+    pub poll_interval_ms: u64,
+    pub lease_ms: u64,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub max_retry_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    pub synced_days: u32,
+    pub attempts_days: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySettings {
+    pub store_sensitive_response_fields: bool,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_database_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// Least margin between the request timeout and the lease: a live worker never loses its lease.
+pub const LEASE_MARGIN_MS: u64 = 5_000;
+
+/// What the command about to run needs from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Sends requests: the API key must be present.
+    ApiKey,
+    /// Talks only to the database (or nothing).
+    Nothing,
+}
+
+impl Settings {
+    /// Loads the layered configuration from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Loads the layered configuration with the given environment (tests pass their own).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        use config::{Config, Environment, File, FileFormat};
+
+        let env: config::Map<String, String> = env.into_iter().collect();
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        let shipped = Path::new("config/default.toml");
+        if shipped.is_file() {
+            builder = builder.add_source(File::from(shipped).format(FileFormat::Toml));
+        }
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("file {} does not exist", file.display()),
+                ));
+            }
+            builder = builder.add_source(File::from(file).format(FileFormat::Toml));
+        }
+        // DATABASE_URL sits below the prefixed variables, so IMPRINT_SYNC__DATABASE__URL wins.
+        if let Some(url) = env.get("DATABASE_URL").filter(|u| !u.is_empty()) {
+            builder = builder
+                .set_override("database.url", url.as_str())
+                .map_err(|e| ConfigError::new("database.url", e.to_string()))?;
+        }
+        let prefixed: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("IMPRINT_SYNC__"))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("IMPRINT_SYNC")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(prefixed)),
+        );
+        let raw = builder.build().map_err(config_crate_error)?;
+        let mut settings: Settings = raw.try_deserialize().map_err(config_crate_error)?;
+        settings.read_key_file()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn read_key_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = &self.api.key_file else {
+            return Ok(());
+        };
+        if self.api.key.is_some() {
+            return Err(ConfigError::new(
+                "api.key_file",
+                "set either api.key or api.key_file, not both",
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "api.key_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let key = text.trim_end_matches(['\r', '\n']);
+        if key.is_empty() {
+            return Err(ConfigError::new(
+                "api.key_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        self.api.key = Some(SecretString::from(key.to_owned()));
+        Ok(())
+    }
+
+    /// Cross-field rules, checked once at start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.base_url()?;
+        self.admin_listen()?;
+        Url::parse(&self.database.url)
+            .map_err(|e| ConfigError::new("database.url", format!("not a URL: {e}")))?;
+        let positive: [(&str, u64); 12] = [
+            ("database.max_connections", self.database.max_connections.into()),
+            ("api.timeout_ms", self.api.timeout_ms),
+            ("api.connect_timeout_ms", self.api.connect_timeout_ms),
+            ("sync.batch_size", self.sync.batch_size.into()),
+            ("sync.concurrency", self.sync.concurrency.into()),
+            ("sync.poll_interval_ms", self.sync.poll_interval_ms),
+            ("sync.lease_ms", self.sync.lease_ms),
+            ("sync.max_attempts", self.sync.max_attempts.into()),
+            ("sync.backoff_base_ms", self.sync.backoff_base_ms),
+            ("sync.backoff_max_ms", self.sync.backoff_max_ms),
+            ("rate_limit.burst", self.rate_limit.burst.into()),
+            ("rate_limit.max_retry_after_ms", self.rate_limit.max_retry_after_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        let rps = self.rate_limit.requests_per_second;
+        if !(rps.is_finite() && rps > 0.0) {
+            return Err(ConfigError::new(
+                "rate_limit.requests_per_second",
+                "must be a number greater than 0",
+            ));
+        }
+        if self.sync.backoff_max_ms < self.sync.backoff_base_ms {
+            return Err(ConfigError::new(
+                "sync.backoff_max_ms",
+                "must be at least sync.backoff_base_ms",
+            ));
+        }
+        if self.api.connect_timeout_ms > self.api.timeout_ms {
+            return Err(ConfigError::new(
+                "api.connect_timeout_ms",
+                "must not exceed api.timeout_ms",
+            ));
+        }
+        if self.sync.lease_ms < self.api.timeout_ms + LEASE_MARGIN_MS {
+            return Err(ConfigError::new(
+                "sync.lease_ms",
+                format!(
+                    "must exceed api.timeout_ms ({}) by at least {LEASE_MARGIN_MS} ms, so a live worker never loses its lease mid-request",
+                    self.api.timeout_ms
+                ),
+            ));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(ConfigError::new("log.level", "must not be empty"));
+        }
+        if let Some(key) = &self.api.key
+            && key.expose_secret().trim().is_empty()
+        {
+            return Err(ConfigError::new("api.key", "is empty"));
+        }
+        Ok(())
+    }
+
+    /// Rules that depend on the command: a command that sends needs a key.
+    pub fn require(&self, needs: Needs) -> Result<(), ConfigError> {
+        if needs == Needs::ApiKey && self.api.key.is_none() {
+            return Err(ConfigError::new(
+                "api.key",
+                "is required to send requests: set IMPRINT_SYNC__API__KEY or api.key_file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The API base URL, checked: it parses, and is https unless loopback or explicitly allowed.
+    pub fn base_url(&self) -> Result<Url, ConfigError> {
+        let key = "api.base_url";
+        let url = Url::parse(&self.api.base_url)
+            .map_err(|e| ConfigError::new(key, format!("not a URL: {e}")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if self.api.allow_insecure_http || is_loopback(&url) => {}
+            "http" => {
+                return Err(ConfigError::new(
+                    key,
+                    "must be https (plain http is allowed only for a loopback address or with api.allow_insecure_http = true)",
+                ));
+            }
+            other => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("scheme `{other}` is not http or https"),
+                ));
+            }
+        }
+        if url.host().is_none() {
+            return Err(ConfigError::new(key, "has no host"));
+        }
+        Ok(url)
+    }
+
+    /// The admin server's address.
+    pub fn admin_listen(&self) -> Result<SocketAddr, ConfigError> {
+        self.admin.listen.parse().map_err(|e| {
+            ConfigError::new("admin.listen", format!("not a socket address (host:port): {e}"))
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.api.timeout_ms)
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn redacted_toml(&self) -> String {
+        toml_string(self)
+    }
+}
+
+fn toml_string(settings: &Settings) -> String {
+    // serde_json -> config's TOML writer is not exposed, so render by section by hand.
+    let value = serde_json::to_value(settings).expect("settings serialize");
+    let mut out = String::new();
+    if let serde_json::Value::Object(sections) = value {
+        for (section, keys) in sections {
+            out.push_str(&format!("[{section}]\n"));
+            if let serde_json::Value::Object(keys) = keys {
+                for (key, v) in keys {
+                    if !v.is_null() {
+                        out.push_str(&format!("{key} = {v}\n"));
+                    }
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+fn redact_secret<S: serde::Serializer>(
+    value: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+fn redact_url_password<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_database_url(url))
+}
+
+/// The database URL with its password replaced, fit for logs and output.
+pub fn redact_database_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("[redacted]"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "[unparseable]".to_owned(),
+    }
+}
+
+/// Turns the config crate's error into one that names the key where it can.
+fn config_crate_error(e: config::ConfigError) -> ConfigError {
+    let text = e.to_string();
+    let key = text
+        .rsplit_once(" for key `")
+        .and_then(|(_, rest)| rest.split('`').next())
+        .map(str::to_owned)
+        .or_else(|| {
+            text.strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "(configuration)".to_owned());
+    ConfigError::new(key, text)
+}

@@ -1,0 +1,172 @@
+//! The HTTP client of "Update a customer".
+
+use std::time::Duration;
+
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use super::error::{Answer, Exchange, TransportError, TransportKind, classify};
+use super::model::UpdateCustomerRequest;
+use crate::config::{ConfigError, Settings};
+
+/// A client of Imprint's customer endpoints. Cheap to clone (one connection pool).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    max_retry_after: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base.as_str()).finish()
+    }
+}
+
+/// The user agent: name and version.
+pub const USER_AGENT: &str = concat!("imprint-sync/", env!("CARGO_PKG_VERSION"));
+
+impl Client {
+    /// Builds the client from the configuration (which must hold a key).
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let key = settings
+            .api
+            .key
+            .as_ref()
+            .ok_or_else(|| ConfigError::new("api.key", "is required to send requests"))?;
+        Self::new(
+            settings.base_url()?,
+            key,
+            settings.api.merchant_key.as_ref(),
+            Duration::from_millis(settings.api.timeout_ms),
+            Duration::from_millis(settings.api.connect_timeout_ms),
+            settings.sync.concurrency as usize,
+            Duration::from_millis(settings.rate_limit.max_retry_after_ms),
+        )
+    }
+
+    pub fn new(
+        base: Url,
+        key: &SecretString,
+        merchant_key: Option<&SecretString>,
+        timeout: Duration,
+        connect_timeout: Duration,
+        pool_size: usize,
+        max_retry_after: Duration,
+    ) -> Result<Self, ConfigError> {
+        let mut headers = HeaderMap::new();
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
+            .map_err(|_| ConfigError::new("api.key", "holds characters not allowed in a header"))?;
+        auth.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, auth);
+        if let Some(mk) = merchant_key {
+            let mut v = HeaderValue::from_str(mk.expose_secret()).map_err(|_| {
+                ConfigError::new("api.merchant_key", "holds characters not allowed in a header")
+            })?;
+            v.set_sensitive(true);
+            headers.insert("x-imprint-merchant-key", v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(USER_AGENT)
+            .timeout(timeout)
+            .connect_timeout(connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(pool_size.max(1))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ConfigError::new("api", format!("cannot build the HTTP client: {e}")))?;
+        let mut base = base;
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        Ok(Self {
+            http,
+            base,
+            max_retry_after,
+        })
+    }
+
+    fn customer_url(&self, customer_id: &str) -> Url {
+        let mut url = self.base.clone();
+        // The id was checked to be [A-Za-z0-9_-]; path_segments_mut escapes anything else.
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments
+                .pop_if_empty()
+                .extend(["v2", "customers", customer_id]);
+        }
+        url
+    }
+
+    /// `POST /v2/customers/{customer_id}`, classified.
+    pub async fn update_customer(&self, customer_id: &str, req: &UpdateCustomerRequest) -> Answer {
+        let body = match serde_json::to_vec(req) {
+            Ok(b) => b,
+            Err(e) => {
+                return Answer::Failed {
+                    status: 0,
+                    error: super::error::ApiError::new("unserializable_request", e.to_string()),
+                };
+            }
+        };
+        let request = self
+            .http
+            .post(self.customer_url(customer_id))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.exchange(request).await
+    }
+
+    /// `GET /v2/customers/{customer_id}`, classified.
+    pub async fn get_customer(&self, customer_id: &str) -> Answer {
+        self.exchange(self.http.get(self.customer_url(customer_id))).await
+    }
+
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Answer {
+        let exchange = match request.send().await {
+            Err(e) => Exchange::Transport(transport_error(e)),
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = resp
+                    .bytes()
+                    .await
+                    .map(|b| b.to_vec())
+                    .map_err(transport_error);
+                Exchange::Response {
+                    status,
+                    retry_after,
+                    body,
+                }
+            }
+        };
+        classify(exchange, self.max_retry_after)
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> TransportError {
+    let kind = if e.is_timeout() {
+        TransportKind::Timeout
+    } else if e.is_connect() {
+        TransportKind::Connect
+    } else {
+        TransportKind::Broken
+    };
+    // The URL holds only the customer id, but keep messages free of it anyway.
+    let e = e.without_url();
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    TransportError { kind, message }
+}

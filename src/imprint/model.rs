@@ -1,0 +1,201 @@
+//! The wire types of `POST /v2/customers/{customer_id}`, field for field as the docs show.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The body of "Update a customer". Every field is optional; an absent field is left
+/// unchanged by Imprint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateCustomerRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_language: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub street_line1: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub street_line2: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_history: Option<CustomerHistory>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// `customer_history`: what the partner knows of the customer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CustomerHistory {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_language: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
+    /// Months.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_tenure: Option<i32>,
+    /// Minor currency units (34000 = $340.00).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ltv_amount: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ltv_currency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loyalty_tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_created_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_count: Option<i64>,
+}
+
+impl CustomerHistory {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A postal address; `country` is ISO 3166-1 alpha-3.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Address {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub street_line1: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub street_line2: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// Fields the API added that this version does not know; kept, not rejected.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Address {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The customer object Imprint answers with. Only `id` is required; unknown fields are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    /// Card program name -> `OPEN` | `CLOSED`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statuses: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_language: Option<String>,
+    /// Sensitive: never logged, not stored unless `privacy.store_sensitive_response_fields`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssn4: Option<String>,
+    /// Sensitive: as `ssn4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_of_birth: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner_customer_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// Fields the API added that this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Customer {
+    /// `updated_at` parsed, where it is RFC 3339.
+    pub fn updated_at(&self) -> Option<DateTime<Utc>> {
+        self.updated_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The object as stored in `customer_sync_state.response`.
+    pub fn to_stored(&self, keep_sensitive: bool) -> Value {
+        let mut c = self.clone();
+        if !keep_sensitive {
+            c.ssn4 = None;
+            c.date_of_birth = None;
+        }
+        serde_json::to_value(c).unwrap_or(Value::Null)
+    }
+
+    /// The fields whose returned value differs from what was sent, as
+    /// `{"field": {"sent": …, "returned": …}}`; `None` when everything sent came back.
+    pub fn drift(&self, sent: &UpdateCustomerRequest) -> Option<Value> {
+        let addr = self.address.clone().unwrap_or_default();
+        let sent_country = sent
+            .customer_history
+            .as_ref()
+            .and_then(|h| h.address.as_ref())
+            .and_then(|a| a.country.clone());
+        let pairs: [(&str, &Option<String>, &Option<String>); 11] = [
+            ("email", &sent.email, &self.email),
+            ("phone", &sent.phone, &self.phone),
+            ("first_name", &sent.first_name, &self.first_name),
+            ("last_name", &sent.last_name, &self.last_name),
+            ("preferred_language", &sent.preferred_language, &self.preferred_language),
+            ("street_line1", &sent.street_line1, &addr.street_line1),
+            ("street_line2", &sent.street_line2, &addr.street_line2),
+            ("city", &sent.city, &addr.city),
+            ("state", &sent.state, &addr.state),
+            ("postal_code", &sent.postal_code, &addr.postal_code),
+            ("country", &sent_country, &addr.country),
+        ];
+        let mut drift = Map::new();
+        for (field, sent, returned) in pairs {
+            if let Some(s) = sent
+                && Some(s) != returned.as_ref()
+            {
+                drift.insert(field.into(), serde_json::json!({"sent": s, "returned": returned}));
+            }
+        }
+        // Imprint may keep metadata keys it had before: only the keys sent are compared.
+        if let Some(m) = &sent.metadata {
+            let returned = self.metadata.as_ref().and_then(Value::as_object);
+            if m.iter().any(|(k, v)| returned.and_then(|r| r.get(k)) != Some(v)) {
+                drift.insert(
+                    "metadata".into(),
+                    serde_json::json!({"sent": m, "returned": self.metadata}),
+                );
+            }
+        }
+        (!drift.is_empty()).then_some(Value::Object(drift))
+    }
+}

@@ -1,0 +1,4 @@
+//! The outbox: its row type and every SQL statement that works it.
+
+pub mod model;
+pub mod store;
