@@ -74,7 +74,8 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
             println!("migrations applied");
             Ok(exit::OK)
         }
-        Command::Run(_) | Command::Status { .. } | Command::Sandbox(_) | Command::Demo(_) => {
+        Command::Run(args) => crate::run::run(settings, args).await,
+        Command::Status { .. } | Command::Sandbox(_) | Command::Demo(_) => {
             eprintln!("imprint-sync: not implemented yet");
             Ok(exit::AUTH_OR_UNAVAILABLE)
         }

@@ -1,11 +1,15 @@
 //! imprint-sync: keeps Imprint's copy of a partner's customers in step with the partner's
 //! PostgreSQL outbox. `app::main` is the whole program; `main.rs` only parses arguments.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod engine;
 pub mod imprint;
 pub mod outbox;
 pub mod profile;
+pub mod run;
 pub mod telemetry;
+pub mod traffic;

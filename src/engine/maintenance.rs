@@ -1,0 +1,119 @@
+//! Background duties of a running engine: LISTEN for new rows, heartbeat (live replicas and
+//! the rate share), rescue of expired leases, and retention.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::shutdown::Backoff;
+use super::{CHANNEL, Shared};
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Rows deleted per retention statement: small, so no statement holds locks for long.
+const PRUNE_BATCH: i64 = 1_000;
+
+pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken) {
+    let listener = tokio::spawn(listen(shared.clone(), wake.clone(), stop.clone()));
+    let rescue_every =
+        (shared.settings.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(15));
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    let mut rescue = tokio::time::interval(rescue_every);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    let host = super::hostname();
+    let mut db = Backoff::new("heartbeat and lease rescue");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = heartbeat.tick() => match shared.store.heartbeat(&host).await {
+                Ok(live) => {
+                    db.succeeded(&shared.health);
+                    shared.health.replicas.store(live.into(), Ordering::Relaxed);
+                    shared.traffic.rate.set_replicas(live);
+                    metrics::gauge!("imprint_sync_replicas_live").set(f64::from(live));
+                    metrics::gauge!("imprint_sync_rate_limit_effective_rps").set(shared.traffic.rate.effective());
+                }
+                Err(e) => { db.failed(&e, &shared.health); }
+            },
+            _ = rescue.tick() => match shared.store.rescue_expired().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(rows = n, "rows whose lease expired are pending again");
+                    wake.notify_one();
+                }
+                Err(e) => { db.failed(&e, &shared.health); }
+            },
+            _ = prune.tick() => prune_all(&shared, &stop).await,
+        }
+    }
+    listener.abort();
+}
+
+async fn prune_all(shared: &Shared, stop: &CancellationToken) {
+    let s = &shared.settings;
+    let mut total = 0;
+    while !stop.is_cancelled() {
+        match shared
+            .store
+            .prune(s.synced_days, s.attempts_days, PRUNE_BATCH)
+            .await
+        {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention paused until the next round");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            rows = total,
+            "retention deleted old synced, superseded and attempt rows"
+        );
+    }
+}
+
+/// LISTEN on the outbox channel; every notification wakes the claimer. sqlx's listener
+/// reconnects and LISTENs again by itself; errors are waited out with backoff.
+async fn listen(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut backoff = Backoff::new("listening for new rows");
+    let mut listener: Option<PgListener> = None;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let l = match &mut listener {
+            Some(l) => l,
+            None => match PgListener::connect_with(shared.store.pool()).await {
+                Ok(mut l) => match l.listen(CHANNEL).await {
+                    Ok(()) => listener.insert(l),
+                    Err(e) => {
+                        tokio::time::sleep(backoff.failed(&e, &shared.health)).await;
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tokio::time::sleep(backoff.failed(&e, &shared.health)).await;
+                    continue;
+                }
+            },
+        };
+        match l.recv().await {
+            Ok(_) => {
+                backoff.succeeded(&shared.health);
+                wake.notify_one();
+            }
+            Err(e) => {
+                // Rows may have arrived while we were deaf: look once the wait is over.
+                let delay = backoff.failed(&e, &shared.health);
+                tokio::time::sleep(delay).await;
+                wake.notify_one();
+            }
+        }
+    }
+}

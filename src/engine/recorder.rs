@@ -1,0 +1,73 @@
+//! The recorder: writes outcomes back in batches (one statement per batch), and frees each
+//! row's window slot once its outcome is in the database.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio::sync::mpsc::Receiver;
+
+use super::Shared;
+use super::shutdown::Backoff;
+use super::worker::Done;
+use crate::outbox::store::Disposition;
+
+/// Most records written by one statement.
+const MAX_BATCH: usize = 1_000;
+
+pub(crate) async fn run(shared: Arc<Shared>, mut rx: Receiver<Done>, wake: Arc<Notify>) {
+    let mut batch: Vec<Done> = Vec::with_capacity(MAX_BATCH);
+    let mut backoff = Backoff::new("writing outcomes back");
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let records: Vec<_> = batch.iter().map(|d| d.record.clone()).collect();
+        loop {
+            match shared.store.record(&records).await {
+                Ok(applied) => {
+                    backoff.succeeded(&shared.health);
+                    count(&batch, &applied);
+                    break;
+                }
+                Err(e) => {
+                    // Keep the outcomes until the database is back; the rows' leases keep
+                    // them ours meanwhile, and a lost lease makes the write a no-op.
+                    let delay = backoff.failed(&e, &shared.health);
+                    if shared.hard_stop.is_cancelled()
+                        && shared.stop.is_cancelled()
+                        && rx.is_closed()
+                    {
+                        tracing::warn!(
+                            rows = records.len(),
+                            "stopping with outcomes unwritten; their rows are taken again when their leases expire"
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        batch.clear(); // frees the rows' window slots
+        wake.notify_one();
+    }
+}
+
+fn count(batch: &[Done], applied: &[crate::outbox::store::Applied]) {
+    for a in applied {
+        if let Some(lag) = a.lag_seconds {
+            metrics::histogram!("imprint_sync_sync_lag_seconds").record(lag);
+        }
+    }
+    let applied_ids: std::collections::HashSet<i64> = applied.iter().map(|a| a.id).collect();
+    for d in batch {
+        let outcome = match (&d.record.disposition, d.record.error_code.as_deref()) {
+            (Disposition::Synced { .. }, _) => "synced",
+            (Disposition::Failed { .. }, Some("invalid_profile")) => "invalid",
+            (Disposition::Failed { .. }, _) => "failed",
+            (Disposition::Retry { .. }, _) => "retried",
+            (Disposition::Release, _) => continue,
+        };
+        if !applied_ids.contains(&d.record.id) {
+            tracing::warn!(outbox_id = d.record.id, customer_id = %d.record.customer_id, outcome, "outcome not written: the row's lease had passed to another worker");
+            continue;
+        }
+        metrics::counter!("imprint_sync_rows_total", "outcome" => outcome).increment(1);
+    }
+}

@@ -1,0 +1,272 @@
+//! One claimed row: map it, send it (through the traffic gate), and turn the answer into a
+//! record for the recorder.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::Shared;
+use crate::imprint::UpdateCustomerRequest;
+use crate::imprint::error::Answer;
+use crate::outbox::model::OutboxRow;
+use crate::outbox::store::{AttemptLog, Disposition, Record};
+use crate::profile;
+use crate::traffic::{Admit, retry};
+
+/// Time kept free between a request's timeout and its lease running out.
+const LEASE_SAFETY: Duration = Duration::from_secs(1);
+
+pub(crate) struct Job {
+    pub row: OutboxRow,
+    pub claimed_at: Instant,
+    /// The row's slot in the claim window, freed once its record is written.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// A worked row on its way to the recorder.
+pub(crate) struct Done {
+    pub record: Record,
+    /// Held until the record is written.
+    pub _permit: OwnedSemaphorePermit,
+}
+
+pub(crate) async fn work(shared: Arc<Shared>, job: Job, tx: tokio::sync::mpsc::Sender<Done>) {
+    let span =
+        tracing::info_span!("row", outbox_id = job.row.id, customer_id = %job.row.customer_id);
+    let record = process(&shared, &job.row, job.claimed_at)
+        .instrument(span)
+        .await;
+    let done = Done {
+        record,
+        _permit: job.permit,
+    };
+    // The recorder outlives every worker; a send error means the process is going down
+    // hard, and the lease brings the row back.
+    let _ = tx.send(done).await;
+}
+
+async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Record {
+    let request = match profile::map_row(row) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                error_code = "invalid_profile",
+                field = e.field,
+                "row cannot be mapped; marked failed"
+            );
+            return record(
+                row,
+                Disposition::Failed { counts: false },
+                None,
+                Some("invalid_profile".into()),
+                Some(format!("outbox row {}: {e}", row.id)),
+                vec![],
+            );
+        }
+    };
+    // The last moment a request may start and still finish inside the lease.
+    let deadline = claimed_at + shared.settings.lease
+        - shared.settings.request_timeout.min(shared.settings.lease)
+        - LEASE_SAFETY.min(shared.settings.lease / 4);
+    tokio::select! {
+        biased;
+        _ = shared.hard_stop.cancelled() => release(row, vec![]),
+        r = send(shared, row, &request, deadline) => r,
+    }
+}
+
+/// Sends until an answer settles the row; 429s and an open gate wait inside the lease.
+async fn send(
+    shared: &Shared,
+    row: &OutboxRow,
+    request: &UpdateCustomerRequest,
+    deadline: Instant,
+) -> Record {
+    let mut attempts = Vec::new();
+    loop {
+        let _slot = tokio::select! {
+            _ = shared.stop.cancelled() => return release(row, attempts),
+            s = shared.send_slots.acquire() => s.expect("the semaphore is never closed"),
+        };
+        let admit = tokio::select! {
+            _ = shared.stop.cancelled() => return release(row, attempts),
+            a = shared.traffic.admit(deadline) => a,
+        };
+        if admit == Admit::GiveUp {
+            shared.stats.released.fetch_add(1, Ordering::Relaxed);
+            return release(row, attempts);
+        }
+        let probe = admit == Admit::Probe;
+        let started_at = chrono::Utc::now();
+        let t0 = Instant::now();
+        let answer = shared
+            .client
+            .update_customer(&row.customer_id, request)
+            .await;
+        let duration = t0.elapsed();
+        shared.traffic.report(&answer, probe);
+        observe(&answer, duration);
+        let n = row.attempts + 1;
+        let log =
+            |outcome, status: Option<u16>, code: Option<&str>, error: Option<String>| AttemptLog {
+                attempt: n,
+                started_at,
+                duration,
+                http_status: status,
+                outcome,
+                error_code: code.map(str::to_owned),
+                error,
+            };
+        match answer {
+            Answer::Synced { status, customer } => {
+                attempts.push(log("synced", Some(status), None, None));
+                shared.stats.synced.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(http_status = status, "synced");
+                let disposition = Disposition::Synced {
+                    imprint_updated_at: customer.updated_at(),
+                    statuses: customer
+                        .statuses
+                        .as_ref()
+                        .and_then(|s| serde_json::to_value(s).ok()),
+                    drift: customer.drift(request),
+                    response: customer.to_stored(shared.settings.keep_sensitive),
+                };
+                return record(row, disposition, Some(status), None, None, attempts);
+            }
+            Answer::RateLimited { retry_after } => {
+                // Not an attempt: the gate and the rate limiter now hold every sender back.
+                shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    retry_after_ms = retry_after.as_millis() as u64,
+                    "rate limited (429)"
+                );
+                attempts.push(log("rate_limited", Some(429), Some("rate_limited"), None));
+                continue;
+            }
+            Answer::AuthRejected { status, error } => {
+                shared.stats.auth_rejected.store(true, Ordering::Relaxed);
+                attempts.push(log("auth_rejected", Some(status), Some(&error.code), None));
+                if shared.mode.once {
+                    // `run --once` cannot succeed with a rejected key: stop and say so.
+                    shared.stop.cancel();
+                }
+                return release(row, attempts);
+            }
+            Answer::Retry { status, error } => {
+                attempts.push(log(
+                    "retry",
+                    status,
+                    Some(&error.code),
+                    Some(error.message.clone()),
+                ));
+                let message = describe(&error);
+                if n as u32 >= shared.settings.max_attempts {
+                    shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error_code = "max_attempts_exceeded", last_error_code = %error.code, attempts = n, "giving up on row");
+                    return record(
+                        row,
+                        Disposition::Failed { counts: true },
+                        status,
+                        Some("max_attempts_exceeded".into()),
+                        Some(format!("after {n} attempts, last error: {message}")),
+                        attempts,
+                    );
+                }
+                shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+                let delay = retry::backoff(
+                    n as u32,
+                    shared.settings.backoff_base,
+                    shared.settings.backoff_max,
+                );
+                tracing::debug!(error_code = %error.code, attempt = n, delay_ms = delay.as_millis() as u64, "retrying later");
+                return record(
+                    row,
+                    Disposition::Retry {
+                        delay,
+                        counts: true,
+                    },
+                    status,
+                    Some(error.code.clone()),
+                    Some(message),
+                    attempts,
+                );
+            }
+            Answer::Failed { status, error } => {
+                attempts.push(log(
+                    "failed",
+                    Some(status),
+                    Some(&error.code),
+                    Some(error.message.clone()),
+                ));
+                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(http_status = status, error_code = %error.code, param = error.param.as_deref(), "the API refused the row; marked failed");
+                let message = describe(&error);
+                return record(
+                    row,
+                    Disposition::Failed { counts: true },
+                    Some(status),
+                    Some(error.code),
+                    Some(message),
+                    attempts,
+                );
+            }
+        }
+    }
+}
+
+/// The stored message: the blamed field first, where the API names one.
+fn describe(error: &crate::imprint::error::ApiError) -> String {
+    match &error.param {
+        Some(p) => format!("{p}: {}", error.message),
+        None => error.message.clone(),
+    }
+}
+
+fn observe(answer: &Answer, duration: Duration) {
+    let class =
+        match answer {
+            Answer::Synced { .. } => "2xx",
+            Answer::RateLimited { .. } => "429",
+            Answer::Failed { status, .. } | Answer::AuthRejected { status, .. } => {
+                if *status >= 500 { "5xx" } else { "4xx" }
+            }
+            Answer::Retry {
+                status: Some(s), ..
+            } if *s >= 500 => "5xx",
+            Answer::Retry {
+                status: Some(_), ..
+            } => "4xx",
+            Answer::Retry { error, .. } if error.code == "timeout" => "timeout",
+            Answer::Retry { .. } => "error",
+        };
+    metrics::counter!("imprint_sync_http_requests_total", "status" => class).increment(1);
+    metrics::histogram!("imprint_sync_http_request_duration_seconds")
+        .record(duration.as_secs_f64());
+}
+
+fn release(row: &OutboxRow, attempts: Vec<AttemptLog>) -> Record {
+    record(row, Disposition::Release, None, None, None, attempts)
+}
+
+fn record(
+    row: &OutboxRow,
+    disposition: Disposition,
+    http_status: Option<u16>,
+    error_code: Option<String>,
+    error: Option<String>,
+    attempts: Vec<AttemptLog>,
+) -> Record {
+    Record {
+        id: row.id,
+        customer_id: row.customer_id.clone(),
+        disposition,
+        http_status,
+        error_code,
+        error,
+        attempts,
+    }
+}

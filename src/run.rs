@@ -1,0 +1,186 @@
+//! `imprint-sync run`: the daemon, and its `--once`, `--replay-failed` and `--dry-run` modes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::exit;
+use crate::cli::RunArgs;
+use crate::config::Settings;
+use crate::engine::shutdown::{self, Backoff};
+use crate::engine::{Engine, EngineSettings, Health, RunMode, Summary};
+use crate::imprint::Client;
+use crate::outbox::store::Store;
+use crate::traffic::Traffic;
+use crate::{db, profile};
+
+/// Runs the daemon with the given flags; returns the exit code.
+pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
+    let pool = db::pool(&settings.database)?;
+    let shutdown = CancellationToken::new();
+    shutdown::on_signals(shutdown.clone());
+    if !wait_for_schema(&pool, &shutdown).await? {
+        return Ok(exit::OK);
+    }
+    let worker_id = crate::engine::worker_id();
+    let store = Store::new(pool.clone(), worker_id.clone());
+    if args.dry_run {
+        return dry_run(&store, settings.sync.batch_size.max(1_000)).await;
+    }
+    if args.replay_failed {
+        let r = store
+            .replay_failed()
+            .await
+            .context("replaying failed rows")?;
+        println!(
+            "replay: {} failed rows back to pending; {} older failed rows superseded",
+            r.replayed, r.superseded
+        );
+        tracing::info!(
+            replayed = r.replayed,
+            superseded = r.superseded,
+            "replayed failed rows"
+        );
+    }
+    let client = Client::from_settings(&settings)?;
+    let traffic = Traffic::new(&settings);
+    let engine = Engine::with_mode(
+        pool,
+        client,
+        traffic.clone(),
+        EngineSettings::from_settings(&settings),
+        worker_id.clone(),
+        RunMode { once: args.once },
+    );
+    let admin = crate::admin::spawn(&settings, engine.health(), traffic, shutdown.clone()).await?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(worker_id = %worker_id, once = args.once, "imprint-sync running");
+    let summary = engine.run(shutdown.clone()).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
+    report(&summary, args.once);
+    Ok(exit_code(&summary, args.once))
+}
+
+/// The exit code of a run: 2 when the key was rejected in `--once`, 1 when a row failed in
+/// `--once`, else 0.
+pub fn exit_code(summary: &Summary, once: bool) -> u8 {
+    if !once {
+        exit::OK
+    } else if summary.auth_rejected {
+        exit::AUTH_OR_UNAVAILABLE
+    } else if summary.failed > 0 {
+        exit::ROWS_FAILED
+    } else {
+        exit::OK
+    }
+}
+
+fn report(s: &Summary, once: bool) {
+    tracing::info!(
+        synced = s.synced,
+        failed = s.failed,
+        superseded = s.superseded,
+        retried = s.retried,
+        rate_limited = s.rate_limited,
+        "stopped"
+    );
+    if once {
+        println!(
+            "synced {}, failed {}, superseded {}, retried {}, rate limited {}{}",
+            s.synced,
+            s.failed,
+            s.superseded,
+            s.retried,
+            s.rate_limited,
+            if s.auth_rejected {
+                "; the API key was rejected (401/403): check api.key — rows were left as they were"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// Waits for the database and the migrated schema; false when stopped while waiting.
+async fn wait_for_schema(pool: &PgPool, stop: &CancellationToken) -> anyhow::Result<bool> {
+    let mut backoff = Backoff::new("checking the schema at start");
+    let health = Health::default();
+    loop {
+        match db::check_migrated(pool).await {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                // A missing schema is for the operator to fix; a database that is down is
+                // waited for.
+                let down = e
+                    .chain()
+                    .filter_map(|c| c.downcast_ref::<sqlx::Error>())
+                    .any(|s| {
+                        matches!(
+                            s,
+                            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+                        )
+                    });
+                if !down {
+                    return Err(e);
+                }
+                let delay = e
+                    .chain()
+                    .find_map(|c| c.downcast_ref::<sqlx::Error>())
+                    .map(|s| backoff.failed(s, &health))
+                    .unwrap_or(Duration::from_secs(1));
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// `run --dry-run`: what would be sent for the due rows, personal values redacted.
+async fn dry_run(store: &Store, limit: u32) -> anyhow::Result<u8> {
+    let (rows, due) = store.peek_due(limit).await.context("reading due rows")?;
+    let (mut valid, mut invalid) = (0u64, 0u64);
+    for row in &rows {
+        let line = match profile::map_row(row) {
+            Ok(req) => {
+                valid += 1;
+                serde_json::json!({
+                    "outbox_id": row.id,
+                    "customer_id": row.customer_id,
+                    "would_send": profile::redacted(&req),
+                })
+            }
+            Err(e) => {
+                invalid += 1;
+                serde_json::json!({
+                    "outbox_id": row.id,
+                    "customer_id": row.customer_id,
+                    "would_fail": {"error_code": "invalid_profile", "field": e.field, "message": e.to_string()},
+                })
+            }
+        };
+        println!("{line}");
+    }
+    let shown = rows.len() as u64;
+    println!(
+        "dry run: {due} due rows; {shown} to send after coalescing ({} older rows would be superseded); {valid} valid, {invalid} invalid{}. Nothing was changed or sent.",
+        due.saturating_sub(shown),
+        if shown == u64::from(limit) {
+            format!(" (first {limit} shown)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(exit::OK)
+}
+
+/// Shares the engine's health with the admin server (for tests that build it by hand).
+pub type SharedHealth = Arc<Health>;

@@ -1,0 +1,93 @@
+//! Traffic control: the rate limit (shared by the deployment), 429 pauses with AIMD, the
+//! circuit breaker and the auth pause. Workers ask [`Traffic::admit`] before each request
+//! and tell [`Traffic::report`] what came back.
+
+pub mod circuit;
+pub mod rate;
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Settings;
+use crate::imprint::error::Answer;
+pub use circuit::{Gate, GateState};
+pub use rate::AdaptiveRate;
+
+/// May this request go?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Send it.
+    Go,
+    /// Send it as the one probe of an open circuit or an auth pause.
+    Probe,
+    /// The row's lease would run out before the request could finish: give the row back.
+    GiveUp,
+}
+
+/// All traffic control of one process.
+#[derive(Debug)]
+pub struct Traffic {
+    pub rate: AdaptiveRate,
+    pub gate: Gate,
+}
+
+impl Traffic {
+    pub fn new(settings: &Settings) -> Arc<Self> {
+        Arc::new(Self {
+            rate: AdaptiveRate::new(
+                settings.rate_limit.requests_per_second,
+                settings.rate_limit.burst,
+            ),
+            gate: Gate::new(circuit::GateSettings::default()),
+        })
+    }
+
+    /// Waits until a request may be sent, or gives up at `deadline`.
+    pub async fn admit(&self, deadline: Instant) -> Admit {
+        let admit = match self.gate.enter(deadline).await {
+            Some(a) => a,
+            None => return Admit::GiveUp,
+        };
+        if !self.rate.until_ready(deadline).await {
+            if admit == Admit::Probe {
+                self.gate.probe_abandoned();
+            }
+            return Admit::GiveUp;
+        }
+        admit
+    }
+
+    /// Learns from an answer: 429 slows the sender; failures feed the circuit.
+    pub fn report(&self, answer: &Answer, probe: bool) {
+        match answer {
+            Answer::RateLimited { retry_after } => {
+                self.rate.on_rate_limited(*retry_after);
+                self.gate.on_rate_limited(*retry_after, probe);
+            }
+            Answer::Synced { .. } | Answer::Failed { .. } => {
+                self.rate.on_success();
+                self.gate.on_success(probe);
+            }
+            Answer::Retry { .. } => self.gate.on_failure(probe),
+            Answer::AuthRejected { status, .. } => self.gate.on_auth_rejected(*status, probe),
+        }
+    }
+
+    /// Sending is paused because the API key was rejected.
+    pub fn auth_paused(&self) -> bool {
+        self.gate.state() == GateState::AuthPaused
+    }
+
+    /// A pause (429, open circuit, auth) is in force: claiming more rows would only hold them.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let gate = self.gate.blocked_for();
+        let rate = self.rate.paused_for();
+        match (gate, rate) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
