@@ -8,4 +8,5 @@ pub mod db;
 pub mod imprint;
 pub mod outbox;
 pub mod profile;
+pub mod sandbox;
 pub mod telemetry;
