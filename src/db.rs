@@ -81,10 +81,12 @@ impl ScratchDatabase {
         use sqlx::Executor;
         let admin = connect_options(admin_url)?;
         let name = format!("{prefix}_{:016x}", rand::random::<u64>());
-        let mut conn = admin
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", crate::config::redact_database_url(admin_url)))?;
+        let mut conn = admin.connect().await.with_context(|| {
+            format!(
+                "connecting to {}",
+                crate::config::redact_database_url(admin_url)
+            )
+        })?;
         // The name is ours (prefix and hex), never user input.
         let create = format!(r#"CREATE DATABASE "{name}""#);
         conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(create)))

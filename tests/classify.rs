@@ -65,41 +65,140 @@ const WRAPPED_409: &str = r#"{"error":{"type":"BAD_REQUEST_ERROR","message":"con
 fn every_answer_is_classified_as_designed() {
     use Outcome::*;
     let table: Vec<(&str, Exchange, Outcome)> = vec![
-        ("200 readable", response(200, r#"{"id":"C1","email":"a@example.com"}"#), Synced(200, "C1")),
-        ("201 readable", response(201, r#"{"id":"C1"}"#), Synced(201, "C1")),
-        ("200 unreadable", response(200, "<html>ok</html>"), Retry(Some(200), "unreadable_response")),
-        ("200 without id", response(200, r#"{"email":"a@example.com"}"#), Retry(Some(200), "unreadable_response")),
-        ("204 empty", response(204, ""), Retry(Some(204), "unreadable_response")),
-        ("400 wrapped", response(400, WRAPPED_400), Failed(400, "INVALID_REQUEST_ERROR", Some("email"))),
-        ("401", response(401, r#"{"error":{"type":"AUTHENTICATION_ERROR","message":"no"}}"#), AuthRejected(401, "AUTHENTICATION_ERROR")),
-        ("401 empty", response(401, ""), AuthRejected(401, "http_401")),
-        ("403", response(403, WRAPPED_409), AuthRejected(403, "BAD_REQUEST_ERROR")),
-        ("404 flat", response(404, FLAT_404), Failed(404, "CUSTOMER_NOT_FOUND_ERROR", Some("customer_id"))),
-        ("404 empty", response(404, ""), Failed(404, "CUSTOMER_NOT_FOUND_ERROR", None)),
-        ("404 html", response(404, "<h1>Not Found</h1>"), Failed(404, "CUSTOMER_NOT_FOUND_ERROR", None)),
+        (
+            "200 readable",
+            response(200, r#"{"id":"C1","email":"a@example.com"}"#),
+            Synced(200, "C1"),
+        ),
+        (
+            "201 readable",
+            response(201, r#"{"id":"C1"}"#),
+            Synced(201, "C1"),
+        ),
+        (
+            "200 unreadable",
+            response(200, "<html>ok</html>"),
+            Retry(Some(200), "unreadable_response"),
+        ),
+        (
+            "200 without id",
+            response(200, r#"{"email":"a@example.com"}"#),
+            Retry(Some(200), "unreadable_response"),
+        ),
+        (
+            "204 empty",
+            response(204, ""),
+            Retry(Some(204), "unreadable_response"),
+        ),
+        (
+            "400 wrapped",
+            response(400, WRAPPED_400),
+            Failed(400, "INVALID_REQUEST_ERROR", Some("email")),
+        ),
+        (
+            "401",
+            response(
+                401,
+                r#"{"error":{"type":"AUTHENTICATION_ERROR","message":"no"}}"#,
+            ),
+            AuthRejected(401, "AUTHENTICATION_ERROR"),
+        ),
+        (
+            "401 empty",
+            response(401, ""),
+            AuthRejected(401, "http_401"),
+        ),
+        (
+            "403",
+            response(403, WRAPPED_409),
+            AuthRejected(403, "BAD_REQUEST_ERROR"),
+        ),
+        (
+            "404 flat",
+            response(404, FLAT_404),
+            Failed(404, "CUSTOMER_NOT_FOUND_ERROR", Some("customer_id")),
+        ),
+        (
+            "404 empty",
+            response(404, ""),
+            Failed(404, "CUSTOMER_NOT_FOUND_ERROR", None),
+        ),
+        (
+            "404 html",
+            response(404, "<h1>Not Found</h1>"),
+            Failed(404, "CUSTOMER_NOT_FOUND_ERROR", None),
+        ),
         ("408", response(408, ""), Retry(Some(408), "http_408")),
-        ("409", response(409, WRAPPED_409), Retry(Some(409), "BAD_REQUEST_ERROR")),
-        ("422 spring", response(422, SPRING_422), Failed(422, "http_422", Some("email"))),
-        ("429 seconds", limited(Some("7")), RateLimited(Duration::from_secs(7))),
-        ("429 absent", limited(None), RateLimited(DEFAULT_RETRY_AFTER)),
-        ("429 garbage", limited(Some("soon")), RateLimited(DEFAULT_RETRY_AFTER)),
+        (
+            "409",
+            response(409, WRAPPED_409),
+            Retry(Some(409), "BAD_REQUEST_ERROR"),
+        ),
+        (
+            "422 spring",
+            response(422, SPRING_422),
+            Failed(422, "http_422", Some("email")),
+        ),
+        (
+            "429 seconds",
+            limited(Some("7")),
+            RateLimited(Duration::from_secs(7)),
+        ),
+        (
+            "429 absent",
+            limited(None),
+            RateLimited(DEFAULT_RETRY_AFTER),
+        ),
+        (
+            "429 garbage",
+            limited(Some("soon")),
+            RateLimited(DEFAULT_RETRY_AFTER),
+        ),
         ("429 over the cap", limited(Some("3600")), RateLimited(CAP)),
         ("429 absurd", limited(Some("1e300")), RateLimited(CAP)),
         ("500", response(500, ""), Retry(Some(500), "http_500")),
         ("501", response(501, ""), Retry(Some(501), "http_501")),
-        ("502 html", response(502, "<html>Bad Gateway</html>"), Retry(Some(502), "http_502")),
-        ("503", response(503, r#"{"error":{"type":"API_ERROR","message":"down"}}"#), Retry(Some(503), "API_ERROR")),
-        ("timeout", Exchange::Transport(transport(TransportKind::Timeout)), Retry(None, "timeout")),
-        ("connect refused", Exchange::Transport(transport(TransportKind::Connect)), Retry(None, "connection_error")),
-        ("reset before status", Exchange::Transport(transport(TransportKind::Broken)), Retry(None, "connection_broken")),
+        (
+            "502 html",
+            response(502, "<html>Bad Gateway</html>"),
+            Retry(Some(502), "http_502"),
+        ),
+        (
+            "503",
+            response(503, r#"{"error":{"type":"API_ERROR","message":"down"}}"#),
+            Retry(Some(503), "API_ERROR"),
+        ),
+        (
+            "timeout",
+            Exchange::Transport(transport(TransportKind::Timeout)),
+            Retry(None, "timeout"),
+        ),
+        (
+            "connect refused",
+            Exchange::Transport(transport(TransportKind::Connect)),
+            Retry(None, "connection_error"),
+        ),
+        (
+            "reset before status",
+            Exchange::Transport(transport(TransportKind::Broken)),
+            Retry(None, "connection_broken"),
+        ),
         (
             "body cut mid-way",
-            Exchange::Response { status: 200, retry_after: None, body: Err(transport(TransportKind::Broken)) },
+            Exchange::Response {
+                status: 200,
+                retry_after: None,
+                body: Err(transport(TransportKind::Broken)),
+            },
             Retry(Some(200), "connection_broken"),
         ),
         (
             "body timed out",
-            Exchange::Response { status: 400, retry_after: None, body: Err(transport(TransportKind::Timeout)) },
+            Exchange::Response {
+                status: 400,
+                retry_after: None,
+                body: Err(transport(TransportKind::Timeout)),
+            },
             Retry(Some(400), "timeout"),
         ),
     ];
@@ -121,9 +220,10 @@ fn a_synced_answer_carries_the_whole_customer() {
 #[test]
 fn retry_after_as_an_http_date_is_honoured() {
     let at = SystemTime::now() + Duration::from_secs(120);
-    let Answer::RateLimited { retry_after } =
-        classify(limited(Some(&httpdate::fmt_http_date(at))), Duration::from_secs(600))
-    else {
+    let Answer::RateLimited { retry_after } = classify(
+        limited(Some(&httpdate::fmt_http_date(at))),
+        Duration::from_secs(600),
+    ) else {
         panic!("not rate limited");
     };
     // The date has whole seconds: between 119 and 120 s from now.
@@ -137,7 +237,10 @@ fn parse_retry_after_reads_both_forms() {
     let date = |d: SystemTime| httpdate::fmt_http_date(d);
     assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
     assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
-    assert_eq!(parse_retry_after("1.5", now), Some(Duration::from_millis(1500)));
+    assert_eq!(
+        parse_retry_after("1.5", now),
+        Some(Duration::from_millis(1500))
+    );
     assert_eq!(parse_retry_after("1e300", now), Some(Duration::MAX));
     assert_eq!(parse_retry_after("-1", now), None);
     assert_eq!(parse_retry_after("NaN", now), None);
@@ -159,21 +262,53 @@ fn api_error(code: &str, param: Option<&str>, message: &str) -> ApiError {
 #[test]
 fn read_error_reads_every_documented_shape() {
     let cases: [(u16, &str, ApiError); 8] = [
-        (400, WRAPPED_400, api_error("INVALID_REQUEST_ERROR", Some("email"), "Invalid email format")),
-        (409, WRAPPED_409, api_error("BAD_REQUEST_ERROR", None, "conflict")),
-        (404, FLAT_404, api_error("CUSTOMER_NOT_FOUND_ERROR", Some("customer_id"), "Customer not found")),
+        (
+            400,
+            WRAPPED_400,
+            api_error(
+                "INVALID_REQUEST_ERROR",
+                Some("email"),
+                "Invalid email format",
+            ),
+        ),
+        (
+            409,
+            WRAPPED_409,
+            api_error("BAD_REQUEST_ERROR", None, "conflict"),
+        ),
+        (
+            404,
+            FLAT_404,
+            api_error(
+                "CUSTOMER_NOT_FOUND_ERROR",
+                Some("customer_id"),
+                "Customer not found",
+            ),
+        ),
         (
             422,
             SPRING_422,
-            api_error("http_422", Some("email"), "email: must be a well-formed email address"),
+            api_error(
+                "http_422",
+                Some("email"),
+                "email: must be a well-formed email address",
+            ),
         ),
         (
             400,
             r#"{"error":"Bad Request","status":400,"path":"/v2/customers/X"}"#,
             api_error("http_400", None, "Bad Request"),
         ),
-        (502, "  <html>Bad Gateway</html>\n", api_error("http_502", None, "<html>Bad Gateway</html>")),
-        (503, "", api_error("http_503", None, "HTTP 503 with an empty body")),
+        (
+            502,
+            "  <html>Bad Gateway</html>\n",
+            api_error("http_502", None, "<html>Bad Gateway</html>"),
+        ),
+        (
+            503,
+            "",
+            api_error("http_503", None, "HTTP 503 with an empty body"),
+        ),
         (500, r#""oops""#, api_error("http_500", None, r#""oops""#)),
     ];
     for (status, body, want) in cases {

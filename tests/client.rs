@@ -107,7 +107,10 @@ async fn an_unknown_customer_fails_not_found() {
         let Answer::Failed { status, error } = answer else {
             panic!("{answer:?}");
         };
-        assert_eq!((status, error.code.as_str()), (404, "CUSTOMER_NOT_FOUND_ERROR"));
+        assert_eq!(
+            (status, error.code.as_str()),
+            (404, "CUSTOMER_NOT_FOUND_ERROR")
+        );
         assert_eq!(error.param.as_deref(), Some("customer_id"));
     }
 }
@@ -183,7 +186,9 @@ async fn the_request_carries_the_documented_headers() {
     let answer = plain.update_customer(ID, &request("+14155552671")).await;
     assert!(matches!(answer, Answer::Synced { .. }), "{answer:?}");
     let with_merchant = client_with(mock_url(&server), KEY, Some("M"), Duration::from_secs(5));
-    let answer = with_merchant.update_customer(ID, &request("+14155552671")).await;
+    let answer = with_merchant
+        .update_customer(ID, &request("+14155552671"))
+        .await;
     assert!(matches!(answer, Answer::Synced { .. }), "{answer:?}");
 
     let received = server.received_requests().await.unwrap();
@@ -192,7 +197,10 @@ async fn the_request_carries_the_documented_headers() {
         let ua = r.headers["user-agent"].to_str().unwrap();
         assert!(ua.starts_with("imprint-sync/"), "{ua}");
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(body, json!({"email": "customer@example.com", "phone": "+14155552671"}));
+        assert_eq!(
+            body,
+            json!({"email": "customer@example.com", "phone": "+14155552671"})
+        );
     }
     assert!(!received[0].headers.contains_key("x-imprint-merchant-key"));
     assert_eq!(received[1].headers["x-imprint-merchant-key"], "M");
@@ -249,7 +257,8 @@ async fn cut_short_server() -> Url {
                 Ok(n) => seen.extend_from_slice(&buf[..n]),
             }
         }
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
         socket.write_all(head.as_bytes()).await.unwrap();
         socket.write_all(br#"{"id":"BBB8"#).await.unwrap();
         socket.flush().await.unwrap();
@@ -280,7 +289,10 @@ async fn a_body_cut_mid_way_is_retried() {
     let Answer::Retry { status, error } = answer else {
         panic!("{answer:?}");
     };
-    assert_eq!((status, error.code.as_str()), (Some(200), "connection_broken"));
+    assert_eq!(
+        (status, error.code.as_str()),
+        (Some(200), "connection_broken")
+    );
 }
 
 #[tokio::test]

@@ -145,26 +145,166 @@ fn each_invalid_field_is_named_and_its_value_is_not_echoed() {
     let s = |v: &str| Some(v.to_owned());
     let big = json!({"blob": "y".repeat(16 * 1024)});
     let cases: Vec<(OutboxRow, &str, String)> = vec![
-        (OutboxRow { phone: s("+0123"), ..row() }, "phone", "+0123".into()),
-        (OutboxRow { phone: s("415 555 2671"), ..row() }, "phone", "415 555 2671".into()),
-        (OutboxRow { email: s("john.doe@@example"), ..row() }, "email", "john.doe@@example".into()),
-        (OutboxRow { email: s("john doe@example.com"), ..row() }, "email", "john doe".into()),
-        (OutboxRow { country: s("United States"), ..row() }, "country", "United States".into()),
-        (OutboxRow { country: s("US"), ..row() }, "country", "\"US\"".into()),
-        (OutboxRow { ltv_currency: s("dollars"), ..row() }, "ltv_currency", "dollars".into()),
-        (OutboxRow { preferred_language: s("english"), ..row() }, "preferred_language", "english".into()),
-        (OutboxRow { account_tenure: Some(-1), ..row() }, "account_tenure", "-1".into()),
-        (OutboxRow { ltv_amount: Some(-34000), ..row() }, "ltv_amount", "-34000".into()),
-        (OutboxRow { transaction_count: Some(-2), ..row() }, "transaction_count", "-2".into()),
-        (OutboxRow { first_name: s(&"x".repeat(256)), ..row() }, "first_name", "xxxx".into()),
-        (OutboxRow { last_name: s("Doe\u{7}"), ..row() }, "last_name", "Doe".into()),
-        (OutboxRow { city: s("San\nFrancisco"), ..row() }, "city", "Francisco".into()),
-        (OutboxRow { metadata: Some(json!("tier=gold")), ..row() }, "metadata", "tier=gold".into()),
-        (OutboxRow { metadata: Some(json!(["gold"])), ..row() }, "metadata", "gold".into()),
-        (OutboxRow { metadata: Some(big), ..row() }, "metadata", "yyyy".into()),
-        (OutboxRow { customer_id: "../x".into(), ..row() }, "customer_id", "../x".into()),
-        (OutboxRow { customer_id: "a/b".into(), ..row() }, "customer_id", "a/b".into()),
-        (OutboxRow { customer_id: "A".repeat(65), ..row() }, "customer_id", "AAAA".into()),
+        (
+            OutboxRow {
+                phone: s("+0123"),
+                ..row()
+            },
+            "phone",
+            "+0123".into(),
+        ),
+        (
+            OutboxRow {
+                phone: s("415 555 2671"),
+                ..row()
+            },
+            "phone",
+            "415 555 2671".into(),
+        ),
+        (
+            OutboxRow {
+                email: s("john.doe@@example"),
+                ..row()
+            },
+            "email",
+            "john.doe@@example".into(),
+        ),
+        (
+            OutboxRow {
+                email: s("john doe@example.com"),
+                ..row()
+            },
+            "email",
+            "john doe".into(),
+        ),
+        (
+            OutboxRow {
+                country: s("United States"),
+                ..row()
+            },
+            "country",
+            "United States".into(),
+        ),
+        (
+            OutboxRow {
+                country: s("US"),
+                ..row()
+            },
+            "country",
+            "\"US\"".into(),
+        ),
+        (
+            OutboxRow {
+                ltv_currency: s("dollars"),
+                ..row()
+            },
+            "ltv_currency",
+            "dollars".into(),
+        ),
+        (
+            OutboxRow {
+                preferred_language: s("english"),
+                ..row()
+            },
+            "preferred_language",
+            "english".into(),
+        ),
+        (
+            OutboxRow {
+                account_tenure: Some(-1),
+                ..row()
+            },
+            "account_tenure",
+            "-1".into(),
+        ),
+        (
+            OutboxRow {
+                ltv_amount: Some(-34000),
+                ..row()
+            },
+            "ltv_amount",
+            "-34000".into(),
+        ),
+        (
+            OutboxRow {
+                transaction_count: Some(-2),
+                ..row()
+            },
+            "transaction_count",
+            "-2".into(),
+        ),
+        (
+            OutboxRow {
+                first_name: s(&"x".repeat(256)),
+                ..row()
+            },
+            "first_name",
+            "xxxx".into(),
+        ),
+        (
+            OutboxRow {
+                last_name: s("Doe\u{7}"),
+                ..row()
+            },
+            "last_name",
+            "Doe".into(),
+        ),
+        (
+            OutboxRow {
+                city: s("San\nFrancisco"),
+                ..row()
+            },
+            "city",
+            "Francisco".into(),
+        ),
+        (
+            OutboxRow {
+                metadata: Some(json!("tier=gold")),
+                ..row()
+            },
+            "metadata",
+            "tier=gold".into(),
+        ),
+        (
+            OutboxRow {
+                metadata: Some(json!(["gold"])),
+                ..row()
+            },
+            "metadata",
+            "gold".into(),
+        ),
+        (
+            OutboxRow {
+                metadata: Some(big),
+                ..row()
+            },
+            "metadata",
+            "yyyy".into(),
+        ),
+        (
+            OutboxRow {
+                customer_id: "../x".into(),
+                ..row()
+            },
+            "customer_id",
+            "../x".into(),
+        ),
+        (
+            OutboxRow {
+                customer_id: "a/b".into(),
+                ..row()
+            },
+            "customer_id",
+            "a/b".into(),
+        ),
+        (
+            OutboxRow {
+                customer_id: "A".repeat(65),
+                ..row()
+            },
+            "customer_id",
+            "AAAA".into(),
+        ),
     ];
     for (r, field, value) in cases {
         let e: ProfileError = map_row(&r).expect_err(field);

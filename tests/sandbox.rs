@@ -70,7 +70,10 @@ impl Api {
     }
 
     async fn put_faults(&self, patch: Value) -> Reply {
-        let req = self.http.put(self.url("/_sandbox/faults")).body(patch.to_string());
+        let req = self
+            .http
+            .put(self.url("/_sandbox/faults"))
+            .body(patch.to_string());
         self.send(req).await
     }
 
@@ -124,7 +127,10 @@ async fn a_valid_update_answers_the_whole_customer_object() {
     assert_eq!(c["id"], ID);
     assert_eq!(c["statuses"], json!({"Imprint Card": "OPEN"}));
     assert_eq!(c["ssn4"], "1234");
-    assert_eq!(c["date_of_birth"], json!({"year": 1990, "month": 1, "day": 1}));
+    assert_eq!(
+        c["date_of_birth"],
+        json!({"year": 1990, "month": 1, "day": 1})
+    );
     assert_eq!(c["email"], "customer@example.com");
     assert_eq!(c["phone"], "+14155552671");
     assert_eq!(c["first_name"], "John");
@@ -179,7 +185,11 @@ async fn each_documented_rule_is_a_400_naming_the_field_but_not_the_value() {
         (json!({"phone": "+0123"}), "phone", "+0123"),
         (json!({"phone": "555-0100"}), "phone", "555-0100"),
         (json!({"email": "not-an-email"}), "email", "not-an-email"),
-        (json!({"preferred_language": "english"}), "preferred_language", "english"),
+        (
+            json!({"preferred_language": "english"}),
+            "preferred_language",
+            "english",
+        ),
         (
             json!({"customer_history": {"address": {"country": "US"}}}),
             "customer_history.address.country",
@@ -216,18 +226,30 @@ async fn each_documented_rule_is_a_400_naming_the_field_but_not_the_value() {
     ];
     for (body, param, value) in cases {
         let r = api.post(ID, &body).await;
-        assert_error(&r, StatusCode::BAD_REQUEST, "INVALID_REQUEST_ERROR", Some(param));
+        assert_error(
+            &r,
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST_ERROR",
+            Some(param),
+        );
         let message = r.body["error"]["message"].as_str().unwrap();
         assert!(!message.contains(value), "{message:?} echoes the value");
     }
-    assert_eq!(api.sandbox.customer(ID), None, "a refused body stores nothing");
+    assert_eq!(
+        api.sandbox.customer(ID),
+        None,
+        "a refused body stores nothing"
+    );
 }
 
 #[tokio::test]
 async fn unknown_fields_such_as_a_top_level_country_are_ignored() {
     let api = Api::start().await;
     let r = api
-        .post(ID, &json!({"email": "a@example.com", "country": "US", "nickname": "x"}))
+        .post(
+            ID,
+            &json!({"email": "a@example.com", "country": "US", "nickname": "x"}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["email"], "a@example.com");
@@ -277,7 +299,10 @@ async fn faults_changed_live_take_effect_on_the_next_request() {
     let r = api.put_faults(json!({"fail_rate": 1.0})).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["fail_rate"], 1.0);
-    assert_eq!(api.post(ID, &ok).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        api.post(ID, &ok).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
     api.put_faults(json!({"fail_rate": 0.0})).await;
     assert_eq!(api.post(ID, &ok).await.status, StatusCode::OK);
 

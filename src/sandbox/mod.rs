@@ -229,10 +229,7 @@ async fn shutdown_signal() {
 
 fn router(shared: Arc<Shared>) -> axum::Router {
     axum::Router::new()
-        .route(
-            "/v2/customers/{id}",
-            post(post_customer).get(get_customer),
-        )
+        .route("/v2/customers/{id}", post(post_customer).get(get_customer))
         .route("/_sandbox/stats", get(admin_stats))
         .route("/_sandbox/journal/{id}", get(admin_journal))
         .route("/_sandbox/faults", put(admin_put_faults).get(admin_faults))
@@ -335,7 +332,12 @@ impl Shared {
         response
     }
 
-    async fn admit(&self, id: &str, headers: &HeaderMap, body: Option<&Bytes>) -> Result<(), Response> {
+    async fn admit(
+        &self,
+        id: &str,
+        headers: &HeaderMap,
+        body: Option<&Bytes>,
+    ) -> Result<(), Response> {
         let live = self.live();
         if live.faults.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(live.faults.latency_ms)).await;
@@ -401,7 +403,12 @@ impl Shared {
         };
         match customer::check_body(&value) {
             Ok(fields) => Json(self.store.update(id, fields, &now())).into_response(),
-            Err(e) => error(StatusCode::BAD_REQUEST, INVALID, &e.message, e.param.as_deref()),
+            Err(e) => error(
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                &e.message,
+                e.param.as_deref(),
+            ),
         }
     }
 
@@ -452,7 +459,8 @@ async fn get_customer(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    s.customer_request(&id, &headers, None, || s.show(&id)).await
+    s.customer_request(&id, &headers, None, || s.show(&id))
+        .await
 }
 
 async fn admin_stats(State(s): State<Arc<Shared>>) -> Json<Stats> {

@@ -71,7 +71,9 @@ impl Store {
     fn shard(&self, id: &str) -> MutexGuard<'_, Shard> {
         let i = (self.hasher.hash_one(id) % SHARDS as u64) as usize;
         // A panic while holding a shard leaves plain data behind: keep serving it.
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn with_entry<R>(&self, id: &str, f: impl FnOnce(&mut Entry) -> R) -> R {
