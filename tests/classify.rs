@@ -209,12 +209,25 @@ fn every_answer_is_classified_as_designed() {
 
 #[test]
 fn a_synced_answer_carries_the_whole_customer() {
-    let body = r#"{"id":"C1","statuses":{"Imprint Card":"OPEN"},"ssn4":"1234","future_field":1}"#;
-    let Answer::Synced { customer, .. } = classify(response(200, body), CAP) else {
+    // The example answer of the docs page, plus a field this version does not know.
+    let mut body: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/docs_customer_response.json")).unwrap();
+    body["future_field"] = 1.into();
+    let Answer::Synced { customer, .. } = classify(response(200, &body.to_string()), CAP) else {
         panic!("not synced");
     };
-    assert_eq!(customer.statuses.unwrap()["Imprint Card"], "OPEN");
+    assert_eq!(customer.id, "9B5E1EE0-2E1C-46E7-81B9-3C3917204BE4");
+    assert_eq!(
+        customer.statuses.as_ref().unwrap()["Card Program Name"],
+        "OPEN"
+    );
+    assert_eq!(
+        customer.address.as_ref().unwrap().country.as_deref(),
+        Some("USA")
+    );
     assert_eq!(customer.extra["future_field"], 1);
+    // Read and written again, nothing is lost.
+    assert_eq!(serde_json::to_value(&*customer).unwrap(), body);
 }
 
 #[test]

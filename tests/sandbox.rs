@@ -86,29 +86,9 @@ impl Api {
     }
 }
 
+/// The example request of the "Update a customer" docs page.
 fn docs_body() -> Value {
-    json!({
-        "email": "customer@example.com",
-        "phone": "+14155552671",
-        "first_name": "John",
-        "last_name": "Doe",
-        "preferred_language": "en",
-        "street_line1": "123 Main St",
-        "street_line2": "Apt 4B",
-        "city": "San Francisco",
-        "state": "CA",
-        "postal_code": "94105",
-        "customer_history": {
-            "email": "customer@example.com",
-            "phone": "+14155552671",
-            "address": {"city": "San Francisco", "country": "USA"},
-            "account_tenure": 13,
-            "ltv_amount": 34000,
-            "ltv_currency": "USD",
-            "loyalty_tier": "GOLD"
-        },
-        "metadata": {"preferred_language": "en"}
-    })
+    serde_json::from_str(include_str!("fixtures/docs_update_request.json")).unwrap()
 }
 
 fn assert_error(reply: &Reply, status: StatusCode, kind: &str, param: Option<&str>) {
