@@ -1,10 +1,11 @@
 //! The commands: configuration, exit codes, and dispatch into the library.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use crate::config::{ConfigError, Needs, Settings};
-use crate::{db, telemetry};
+use crate::config::{ConfigError, LogFormat, LogSettings, Needs, Settings};
+use crate::{db, sandbox, telemetry};
 
 /// Exit codes (sysexits where one fits).
 pub mod exit {
@@ -22,11 +23,20 @@ pub mod exit {
 
 /// Runs the command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    let needs = match &cli.command {
+    let Cli { config, command } = cli;
+    if let Command::Sandbox(args) = command {
+        // The sandbox needs no configuration of ours: it must start even with a broken one.
+        telemetry::init(&LogSettings {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        });
+        return block_on(async move { sandbox::serve(args).await.map(|()| exit::OK) });
+    }
+    let needs = match &command {
         Command::Run(args) if !args.dry_run => Needs::ApiKey,
         _ => Needs::Nothing,
     };
-    let settings = match load_settings(&cli, needs) {
+    let settings = match load_settings(config.as_deref(), needs) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("imprint-sync: {e}");
@@ -34,6 +44,11 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     telemetry::init(&settings.log);
+    block_on(dispatch(command, settings))
+}
+
+/// Runs a command on a fresh runtime and turns its result into the exit code.
+fn block_on(command: impl Future<Output = anyhow::Result<u8>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,7 +59,7 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    match runtime.block_on(dispatch(cli.command, settings)) {
+    match runtime.block_on(command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "imprint-sync failed");
@@ -54,9 +69,8 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn load_settings(cli: &Cli, needs: Needs) -> Result<Settings, ConfigError> {
-    // The sandbox needs no configuration of ours: it must start even with a broken one.
-    let settings = Settings::load(cli.config.as_deref())?;
+fn load_settings(config: Option<&Path>, needs: Needs) -> Result<Settings, ConfigError> {
+    let settings = Settings::load(config)?;
     settings.require(needs)?;
     Ok(settings)
 }
@@ -75,7 +89,8 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Run(args) => crate::run::run(settings, args).await,
-        Command::Status { .. } | Command::Sandbox(_) | Command::Demo(_) => {
+        Command::Sandbox(_) => unreachable!("the sandbox runs before the configuration is loaded"),
+        Command::Status { .. } | Command::Demo(_) => {
             eprintln!("imprint-sync: not implemented yet");
             Ok(exit::AUTH_OR_UNAVAILABLE)
         }

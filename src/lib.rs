@@ -11,5 +11,6 @@ pub mod imprint;
 pub mod outbox;
 pub mod profile;
 pub mod run;
+pub mod sandbox;
 pub mod telemetry;
 pub mod traffic;

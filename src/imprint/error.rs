@@ -228,16 +228,18 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         && secs.is_finite()
         && secs >= 0.0
     {
-        return Some(Duration::from_secs_f64(secs));
+        // `from_secs_f64` would panic on a huge value: treat it as "very long" (capped later).
+        return Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Cuts a message to [`MESSAGE_MAX`] bytes on a character boundary.
+/// Cuts a message to at most [`MESSAGE_MAX`] bytes, the ellipsis included, on a character
+/// boundary.
 pub fn truncate(mut s: String) -> String {
     if s.len() > MESSAGE_MAX {
-        let mut end = MESSAGE_MAX;
+        let mut end = MESSAGE_MAX - '…'.len_utf8();
         while !s.is_char_boundary(end) {
             end -= 1;
         }
