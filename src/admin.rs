@@ -1,19 +1,235 @@
-//! The admin server: `/livez`, `/readyz`, `/metrics`. (Filled in by the operations work.)
+//! The admin server: `GET /livez`, `GET /readyz`, `GET /metrics` (Prometheus text).
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::engine::Health;
-use crate::traffic::Traffic;
+use crate::outbox::store::Store;
+use crate::traffic::{GateState, Traffic};
 
-/// Starts the admin server; `None` when it is not wanted.
+/// How often the outbox gauges are refreshed (one cheap query).
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+
+/// The process-wide Prometheus recorder (installed once; later calls share it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let lag = [
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("imprint_sync_http_request_duration_seconds".into()),
+                    &latency,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("imprint_sync_sync_lag_seconds".into()),
+                        &lag,
+                    )
+                })
+                .expect("bucket lists are not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder (a test harness) may already be installed; ours still renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "imprint_sync_rows_total",
+        "Rows finished, by outcome (synced, failed, superseded, retried, invalid)."
+    );
+    describe_counter!(
+        "imprint_sync_http_requests_total",
+        "Requests to the API, by answer class (2xx, 4xx, 5xx, 429, timeout, error)."
+    );
+    describe_histogram!(
+        "imprint_sync_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Duration of one request to the API."
+    );
+    describe_histogram!(
+        "imprint_sync_sync_lag_seconds",
+        metrics::Unit::Seconds,
+        "From enqueued to synced, per synced row."
+    );
+    describe_gauge!("imprint_sync_outbox_pending", "Rows pending.");
+    describe_gauge!(
+        "imprint_sync_outbox_failed",
+        "Rows failed (replay them with run --replay-failed)."
+    );
+    describe_gauge!(
+        "imprint_sync_outbox_oldest_pending_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of the oldest pending row."
+    );
+    describe_gauge!(
+        "imprint_sync_rate_limit_effective_rps",
+        "The request rate this replica allows itself now."
+    );
+    describe_gauge!(
+        "imprint_sync_circuit_open",
+        "1 while the circuit breaker holds sending back."
+    );
+    describe_gauge!(
+        "imprint_sync_auth_paused",
+        "1 while sending is paused because the API key was rejected."
+    );
+    describe_gauge!(
+        "imprint_sync_replicas_live",
+        "Live replicas sharing the rate limit."
+    );
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    traffic: Arc<Traffic>,
+    metrics: PrometheusHandle,
+    /// The loop must have ticked within this long to be live / ready.
+    live_within: Duration,
+    ready_within: Duration,
+}
+
+/// Starts the admin server on `admin.listen`, and the gauge refresher; both stop with
+/// `shutdown`. Returns the bound address.
 pub async fn spawn(
-    _settings: &Settings,
-    _health: Arc<Health>,
-    _traffic: Arc<Traffic>,
-    _shutdown: CancellationToken,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    Ok(None)
+    settings: &Settings,
+    store: Store,
+    health: Arc<Health>,
+    traffic: Arc<Traffic>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let addr = settings.admin_listen()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin server to {addr} (admin.listen)"))?;
+    let bound = listener.local_addr()?;
+    let poll = Duration::from_millis(settings.sync.poll_interval_ms);
+    let state = AppState {
+        health,
+        traffic,
+        metrics: metrics_handle(),
+        ready_within: poll
+            + Duration::from_millis(settings.api.timeout_ms)
+            + Duration::from_secs(5),
+        live_within: poll + Duration::from_millis(settings.sync.lease_ms) * 2,
+    };
+    let app = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state.clone());
+    tracing::info!(admin = %bound, "admin server listening (/livez, /readyz, /metrics)");
+    let handle = tokio::spawn(async move {
+        let gauges = tokio::spawn(refresh_gauges(store, state, shutdown.clone()));
+        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin server stopped");
+        }
+        gauges.abort();
+    });
+    Ok((bound, handle))
+}
+
+async fn livez(State(s): State<AppState>) -> Response {
+    let since = s.health.since_tick();
+    if since <= s.live_within {
+        (StatusCode::OK, Json(json!({"status": "live"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "stuck", "reason": format!("the loop has not ticked for {} s", since.as_secs())})),
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    if !s.health.database_ok.load(Ordering::Relaxed) {
+        reasons.push("the database does not answer".to_owned());
+    }
+    let since = s.health.since_tick();
+    if since > s.ready_within {
+        reasons.push(format!(
+            "the loop has not ticked for {} ms",
+            since.as_millis()
+        ));
+    }
+    if s.traffic.auth_paused() {
+        reasons.push(
+            "the API key was rejected (401/403): check api.key; sending is paused".to_owned(),
+        );
+    }
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reasons": reasons})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(s): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The outbox gauges, from one cheap query every few seconds, and the traffic gauges.
+async fn refresh_gauges(store: Store, state: AppState, stop: CancellationToken) {
+    let mut every = tokio::time::interval(GAUGES_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let gate = state.traffic.gate.state();
+        metrics::gauge!("imprint_sync_circuit_open")
+            .set(f64::from(u8::from(gate == GateState::CircuitOpen)));
+        metrics::gauge!("imprint_sync_auth_paused")
+            .set(f64::from(u8::from(gate == GateState::AuthPaused)));
+        metrics::gauge!("imprint_sync_rate_limit_effective_rps")
+            .set(state.traffic.rate.effective());
+        match store.gauges().await {
+            Ok(g) => {
+                metrics::gauge!("imprint_sync_outbox_pending").set(g.pending as f64);
+                metrics::gauge!("imprint_sync_outbox_failed").set(g.failed as f64);
+                metrics::gauge!("imprint_sync_outbox_oldest_pending_age_seconds")
+                    .set(g.oldest_pending_age_seconds.unwrap_or(0.0));
+            }
+            Err(e) => tracing::debug!(error = %e, "could not refresh the outbox gauges"),
+        }
+    }
 }

@@ -90,7 +90,10 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
         }
         Command::Run(args) => crate::run::run(settings, args).await,
         Command::Sandbox(_) => unreachable!("the sandbox runs before the configuration is loaded"),
-        Command::Status { .. } | Command::Demo(_) => {
+        Command::Status { json } => crate::status::status(&settings, json)
+            .await
+            .map(|()| exit::OK),
+        Command::Demo(_) => {
             eprintln!("imprint-sync: not implemented yet");
             Ok(exit::AUTH_OR_UNAVAILABLE)
         }

@@ -12,5 +12,6 @@ pub mod outbox;
 pub mod profile;
 pub mod run;
 pub mod sandbox;
+pub mod status;
 pub mod telemetry;
 pub mod traffic;

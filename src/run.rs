@@ -1,6 +1,5 @@
 //! `imprint-sync run`: the daemon, and its `--once`, `--replay-failed` and `--dry-run` modes.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -55,15 +54,20 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
         worker_id.clone(),
         RunMode { once: args.once },
     );
-    let admin = crate::admin::spawn(&settings, engine.health(), traffic, shutdown.clone()).await?;
+    let (_, admin) = crate::admin::spawn(
+        &settings,
+        engine.store().clone(),
+        engine.health(),
+        traffic,
+        shutdown.clone(),
+    )
+    .await?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(worker_id = %worker_id, once = args.once, "imprint-sync running");
     let summary = engine.run(shutdown.clone()).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
-    if let Some(a) = admin {
-        let _ = a.await;
-    }
+    let _ = admin.await;
     report(&summary, args.once);
     Ok(exit_code(&summary, args.once))
 }
@@ -181,6 +185,3 @@ async fn dry_run(store: &Store, limit: u32) -> anyhow::Result<u8> {
     );
     Ok(exit::OK)
 }
-
-/// Shares the engine's health with the admin server (for tests that build it by hand).
-pub type SharedHealth = Arc<Health>;

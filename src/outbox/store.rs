@@ -559,3 +559,98 @@ impl Store {
         Ok(())
     }
 }
+
+/// The outbox gauges for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub pending: i64,
+    pub failed: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+/// What `imprint-sync status` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusReport {
+    pub counts: std::collections::BTreeMap<String, i64>,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub failed_by_error_code: std::collections::BTreeMap<String, i64>,
+    pub last_synced_at: Option<DateTime<Utc>>,
+    pub replicas: Vec<Replica>,
+}
+
+impl Store {
+    /// Pending and failed counts and the oldest pending age; each read through a partial
+    /// index, so the cost follows the backlog, not the history.
+    pub async fn gauges(&self) -> sqlx::Result<Gauges> {
+        let row = sqlx::query(
+            "SELECT
+               (SELECT count(*) FROM imprint_sync.customer_outbox WHERE sync_status = 'pending') AS pending,
+               (SELECT count(*) FROM imprint_sync.customer_outbox WHERE sync_status = 'failed') AS failed,
+               (SELECT extract(epoch FROM now() - min(enqueued_at))::float8
+                  FROM imprint_sync.customer_outbox WHERE sync_status = 'pending') AS oldest",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Gauges {
+            pending: row.try_get("pending")?,
+            failed: row.try_get("failed")?,
+            oldest_pending_age_seconds: row.try_get("oldest")?,
+        })
+    }
+
+    /// Everything `status` prints.
+    pub async fn status(&self) -> sqlx::Result<StatusReport> {
+        let mut counts: std::collections::BTreeMap<String, i64> = super::model::SyncStatus::ALL
+            .iter()
+            .map(|s| (s.as_str().to_owned(), 0))
+            .collect();
+        let rows = sqlx::query(
+            "SELECT sync_status, count(*) AS n FROM imprint_sync.customer_outbox GROUP BY sync_status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for r in rows {
+            counts.insert(r.try_get("sync_status")?, r.try_get("n")?);
+        }
+        let failed = sqlx::query(
+            "SELECT COALESCE(last_error_code, 'unknown') AS code, count(*) AS n
+             FROM imprint_sync.customer_outbox WHERE sync_status = 'failed'
+             GROUP BY 1 ORDER BY n DESC, code LIMIT 10",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let failed_by_error_code = failed
+            .iter()
+            .map(|r| Ok((r.try_get("code")?, r.try_get("n")?)))
+            .collect::<sqlx::Result<_>>()?;
+        let last_synced_at: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT max(last_synced_at) FROM imprint_sync.customer_sync_state")
+                .fetch_one(&self.pool)
+                .await?;
+        let replicas = sqlx::query(
+            "SELECT worker_id, hostname, version, started_at, heartbeat_at FROM imprint_sync.workers
+             WHERE heartbeat_at >= now() - $1 * interval '1 second' ORDER BY started_at",
+        )
+        .bind(REPLICA_TTL_SECONDS)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(Replica {
+                worker_id: r.try_get("worker_id")?,
+                hostname: r.try_get("hostname")?,
+                version: r.try_get("version")?,
+                started_at: r.try_get("started_at")?,
+                heartbeat_at: r.try_get("heartbeat_at")?,
+            })
+        })
+        .collect::<sqlx::Result<_>>()?;
+        Ok(StatusReport {
+            counts,
+            oldest_pending_age_seconds: self.gauges().await?.oldest_pending_age_seconds,
+            failed_by_error_code,
+            last_synced_at,
+            replicas,
+        })
+    }
+}
