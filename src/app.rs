@@ -43,7 +43,15 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    telemetry::init(&settings.log);
+    let mut log = settings.log.clone();
+    if matches!(command, Command::Demo(_)) {
+        // The demo talks to a person: readable, and quiet unless something is wrong.
+        log = LogSettings {
+            format: LogFormat::Pretty,
+            level: "warn".into(),
+        };
+    }
+    telemetry::init(&log);
     block_on(dispatch(command, settings))
 }
 
@@ -93,9 +101,6 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Status { json } => crate::status::status(&settings, json)
             .await
             .map(|()| exit::OK),
-        Command::Demo(_) => {
-            eprintln!("imprint-sync: not implemented yet");
-            Ok(exit::AUTH_OR_UNAVAILABLE)
-        }
+        Command::Demo(args) => crate::demo::demo(&settings, args).await,
     }
 }

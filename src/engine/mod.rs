@@ -313,11 +313,14 @@ async fn claimer(
             Some(_) => 1,
             None => (s.batch_size as usize).min(window.available_permits()),
         };
-        if limit == 0 {
-            // The window is full: wait for the recorder to free a slot.
+        // While the senders have plenty in hand, wait until half a batch of room is free:
+        // a few large claims cost far less than many small ones.
+        let low_water = (s.batch_size as usize / 2).max(1);
+        if limit == 0 || (limit < low_water && in_hand >= s.concurrency as usize) {
+            let want = low_water.min(capacity) as u32;
             tokio::select! {
                 _ = shared.stop.cancelled() => return,
-                p = window.clone().acquire_owned() => drop(p),
+                p = window.clone().acquire_many_owned(want) => drop(p),
             }
             continue;
         }

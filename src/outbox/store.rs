@@ -104,17 +104,20 @@ newest AS (
     SELECT c.customer_id,
            (SELECT max(o.id) FROM imprint_sync.customer_outbox o
              WHERE o.customer_id = c.customer_id AND o.sync_status = 'pending') AS id,
-           COALESCE(s.last_synced_outbox_id, 0) AS last_synced
+           COALESCE((SELECT s.last_synced_outbox_id FROM imprint_sync.customer_sync_state s
+                      WHERE s.customer_id = c.customer_id), 0) AS last_synced
     FROM (SELECT DISTINCT customer_id FROM cand) c
-    LEFT JOIN imprint_sync.customer_sync_state s ON s.customer_id = c.customer_id
     WHERE NOT EXISTS (SELECT 1 FROM imprint_sync.customer_outbox f
                        WHERE f.customer_id = c.customer_id AND f.sync_status = 'in_flight')
 ),
+-- `= ANY(ARRAY(...))` keeps these look-ups on the indexes whatever the planner guesses
+-- of the CTEs' sizes (a hash join would scan the whole history).
 target AS (
     SELECT o.id, o.customer_id, o.next_attempt_at <= now() AS due, n.last_synced
     FROM imprint_sync.customer_outbox o
     JOIN newest n ON o.id = n.id
-    WHERE o.sync_status = 'pending'
+    WHERE o.id = ANY(ARRAY(SELECT id FROM newest WHERE id IS NOT NULL))
+      AND o.sync_status = 'pending'
     FOR UPDATE OF o SKIP LOCKED
 ),
 older AS (
