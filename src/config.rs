@@ -169,11 +169,12 @@ impl Settings {
             }
             builder = builder.add_source(File::from(file).format(FileFormat::Toml));
         }
-        // DATABASE_URL sits below the prefixed variables, so IMPRINT_SYNC__DATABASE__URL wins.
+        // DATABASE_URL is a source of its own just below the prefixed variables, so it beats
+        // the files and IMPRINT_SYNC__DATABASE__URL beats it (an override would beat all).
         if let Some(url) = env.get("DATABASE_URL").filter(|u| !u.is_empty()) {
-            builder = builder
-                .set_override("database.url", url.as_str())
-                .map_err(|e| ConfigError::new("database.url", e.to_string()))?;
+            let mapped = config::Map::from([("DATABASE__URL".to_owned(), url.clone())]);
+            builder =
+                builder.add_source(Environment::default().separator("__").source(Some(mapped)));
         }
         let prefixed: config::Map<String, String> = env
             .into_iter()

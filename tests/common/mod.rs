@@ -3,6 +3,7 @@
 //! started with testcontainers.
 #![allow(dead_code)]
 
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use imprint_sync::db::ScratchDatabase;
@@ -19,11 +20,25 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database with the migrations applied.
     pub async fn new() -> Self {
         let admin = admin_url().await;
         let scratch = ScratchDatabase::create(&admin, "imprint_sync_test")
             .await
             .expect("creating the test database");
+        Self::connect(scratch).await
+    }
+
+    /// A fresh, empty database: no schema of ours yet (for testing `migrate` itself).
+    pub async fn empty() -> Self {
+        let admin = admin_url().await;
+        let scratch = ScratchDatabase::create_empty(&admin, "imprint_sync_test")
+            .await
+            .expect("creating the test database");
+        Self::connect(scratch).await
+    }
+
+    async fn connect(scratch: ScratchDatabase) -> Self {
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .connect(&scratch.url)
@@ -114,4 +129,31 @@ async fn container() -> Option<String> {
     // Keep the container for the process's lifetime; it is removed when Docker reaps it.
     Box::leak(Box::new(node));
     Some(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+}
+
+/// Runs the built `imprint-sync` binary with exactly the given environment (plus PATH), so
+/// nothing from the developer's shell leaks into what is tested.
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
+    binary_command(args, env)
+        .output()
+        .expect("running the imprint-sync binary")
+}
+
+/// The `imprint-sync` command with a clean environment, for tests that spawn it themselves.
+pub fn binary_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint-sync"));
+    cmd.args(args).env_clear().envs(env.iter().copied());
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd
+}
+
+/// The process's stdout and stderr together, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
