@@ -394,18 +394,20 @@ pub fn redact_database_url(url: &str) -> String {
     }
 }
 
-/// Turns the config crate's error into one that names the key where it can.
+/// Turns the config crate's error into one that names the key where it can. An unknown
+/// key comes as "unknown field `x` ... for key `section`", which names `section.x`.
 fn config_crate_error(e: config::ConfigError) -> ConfigError {
     let text = e.to_string();
-    let key = text
+    let at = text
         .rsplit_once(" for key `")
-        .and_then(|(_, rest)| rest.split('`').next())
-        .map(str::to_owned)
-        .or_else(|| {
-            text.strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "(configuration)".to_owned());
+        .and_then(|(_, rest)| rest.split('`').next());
+    let unknown = text
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let key = match (at, unknown) {
+        (Some(section), Some(field)) => format!("{section}.{field}"),
+        (Some(key), None) | (None, Some(key)) => key.to_owned(),
+        (None, None) => "(configuration)".to_owned(),
+    };
     ConfigError::new(key, text)
 }

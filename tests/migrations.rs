@@ -92,8 +92,8 @@ async fn any_content_is_accepted_and_starts_pending() {
     .expect("an insert with garbage content");
 }
 
-async fn insert_error_code(pool: &PgPool, sql: &str) -> String {
-    let err = sqlx::query(sql)
+async fn insert_error_code(pool: &PgPool, sql: String) -> String {
+    let err = sqlx::query(sqlx::AssertSqlSafe(sql))
         .execute(pool)
         .await
         .expect_err("the insert should be refused");
@@ -108,7 +108,8 @@ async fn sync_status_is_checked() {
     let db = TestDb::new().await;
     let code = insert_error_code(
         &db.pool,
-        "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('X', 'done')",
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('X', 'done')"
+            .to_owned(),
     )
     .await;
     assert_eq!(code, "23514", "check_violation");
@@ -129,12 +130,14 @@ async fn at_most_one_row_per_customer_is_in_flight() {
             .await
             .expect("one in-flight row per customer is fine");
     }
-    let code = insert_error_code(&db.pool, &in_flight("A")).await;
+    let code = insert_error_code(&db.pool, in_flight("A")).await;
     assert_eq!(code, "23505", "unique_violation");
 }
 
-/// A partner's own table, with the ready trigger attached the way the README shows.
-async fn partner_table(pool: &PgPool, trigger: &str) {
+/// A fresh database with a partner's own table, the ready trigger attached the way the
+/// README shows, one linked and one unlinked customer, and an empty outbox.
+async fn with_partner_table(trigger: &str) -> TestDb {
+    let db = TestDb::new().await;
     let ddl = format!(
         "CREATE TABLE customers (
              id serial PRIMARY KEY, imprint_customer_id text, email text, phone text,
@@ -150,20 +153,25 @@ async fn partner_table(pool: &PgPool, trigger: &str) {
          DELETE FROM imprint_sync.customer_outbox;"
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
-        .execute(pool)
+        .execute(&db.pool)
         .await
         .expect("creating the partner table");
+    db
 }
 
 async fn exec(pool: &PgPool, sql: &'static str) {
     sqlx::raw_sql(sql).execute(pool).await.expect(sql);
 }
 
-async fn outbox_count(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM imprint_sync.customer_outbox")
+async fn count(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
         .fetch_one(pool)
         .await
-        .expect("counting outbox rows")
+        .expect("counting rows")
+}
+
+async fn outbox_count(pool: &PgPool) -> i64 {
+    count(pool, "imprint_sync.customer_outbox").await
 }
 
 type MappedRow = (
@@ -180,8 +188,7 @@ type MappedRow = (
 
 #[tokio::test]
 async fn an_update_enqueues_one_row_with_the_mapped_columns() {
-    let db = TestDb::new().await;
-    partner_table(&db.pool, "AFTER INSERT OR UPDATE").await;
+    let db = with_partner_table("AFTER INSERT OR UPDATE").await;
     exec(
         &db.pool,
         "UPDATE customers SET email = 'new@example.com' WHERE imprint_customer_id = 'cust-1'",
@@ -224,8 +231,7 @@ async fn an_update_enqueues_one_row_with_the_mapped_columns() {
 
 #[tokio::test]
 async fn an_update_of_unmapped_columns_enqueues_nothing() {
-    let db = TestDb::new().await;
-    partner_table(&db.pool, "AFTER INSERT OR UPDATE").await;
+    let db = with_partner_table("AFTER INSERT OR UPDATE").await;
     exec(&db.pool, "UPDATE customers SET unrelated = 'y'").await;
     assert_eq!(outbox_count(&db.pool).await, 0);
     // The same statement on a mapped column does enqueue: the zero above is not vacuous.
@@ -236,8 +242,7 @@ async fn an_update_of_unmapped_columns_enqueues_nothing() {
 
 #[tokio::test]
 async fn rows_without_an_imprint_id_are_skipped() {
-    let db = TestDb::new().await;
-    partner_table(&db.pool, "AFTER INSERT OR UPDATE").await;
+    let db = with_partner_table("AFTER INSERT OR UPDATE").await;
     exec(
         &db.pool,
         "UPDATE customers SET email = 'still-unlinked@example.com' WHERE imprint_customer_id IS NULL;
@@ -249,13 +254,8 @@ async fn rows_without_an_imprint_id_are_skipped() {
 
 #[tokio::test]
 async fn attached_before_the_partners_write_survives() {
-    let db = TestDb::new().await;
-    partner_table(&db.pool, "BEFORE INSERT OR UPDATE").await;
-    let partner_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM customers")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(partner_rows, 2, "a BEFORE trigger must not cancel the partner's insert");
+    let db = with_partner_table("BEFORE INSERT OR UPDATE").await;
+    assert_eq!(count(&db.pool, "customers").await, 2, "a BEFORE trigger must not cancel the partner's insert");
     exec(&db.pool, "UPDATE customers SET email = 'b@example.com' WHERE id = 1").await;
     assert_eq!(outbox_count(&db.pool).await, 1);
 }

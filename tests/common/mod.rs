@@ -22,23 +22,23 @@ pub struct TestDb {
 impl TestDb {
     /// A fresh database with the migrations applied.
     pub async fn new() -> Self {
-        let admin = admin_url().await;
-        let scratch = ScratchDatabase::create(&admin, "imprint_sync_test")
-            .await
-            .expect("creating the test database");
-        Self::connect(scratch).await
+        Self::create(true).await
     }
 
     /// A fresh, empty database: no schema of ours yet (for testing `migrate` itself).
     pub async fn empty() -> Self {
-        let admin = admin_url().await;
-        let scratch = ScratchDatabase::create_empty(&admin, "imprint_sync_test")
-            .await
-            .expect("creating the test database");
-        Self::connect(scratch).await
+        Self::create(false).await
     }
 
-    async fn connect(scratch: ScratchDatabase) -> Self {
+    async fn create(migrated: bool) -> Self {
+        let admin = admin_url().await;
+        let prefix = "imprint_sync_test";
+        let scratch = if migrated {
+            ScratchDatabase::create(&admin, prefix).await
+        } else {
+            ScratchDatabase::create_empty(&admin, prefix).await
+        }
+        .expect("creating the test database");
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .connect(&scratch.url)
@@ -57,19 +57,18 @@ impl Drop for TestDb {
         let Some(scratch) = self.scratch.take() else {
             return;
         };
-        let pool = self.pool.clone();
-        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        // Drop runs inside the test's runtime, which is blocked here: the work goes to a
+        // thread and runtime of its own. The pool is not closed there (its sockets belong to
+        // the blocked runtime, so closing could wait forever); DROP DATABASE ... WITH (FORCE)
+        // ends its sessions, and the pool is dropped with `self`.
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(async move {
-                pool.close().await;
-                if let Err(e) = scratch.drop_now().await {
-                    eprintln!("warning: could not drop test database {}: {e:#}", scratch.name);
-                }
-            });
+            if let Err(e) = rt.block_on(scratch.drop_now()) {
+                eprintln!("warning: could not drop test database {}: {e:#}", scratch.name);
+            }
         })
         .join()
         .ok();
