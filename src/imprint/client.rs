@@ -20,7 +20,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("base", &self.base.as_str()).finish()
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .finish()
     }
 }
 
@@ -62,7 +64,10 @@ impl Client {
         headers.insert(header::AUTHORIZATION, auth);
         if let Some(mk) = merchant_key {
             let mut v = HeaderValue::from_str(mk.expose_secret()).map_err(|_| {
-                ConfigError::new("api.merchant_key", "holds characters not allowed in a header")
+                ConfigError::new(
+                    "api.merchant_key",
+                    "holds characters not allowed in a header",
+                )
             })?;
             v.set_sensitive(true);
             headers.insert("x-imprint-merchant-key", v);
@@ -122,7 +127,8 @@ impl Client {
 
     /// `GET /v2/customers/{customer_id}`, classified.
     pub async fn get_customer(&self, customer_id: &str) -> Answer {
-        self.exchange(self.http.get(self.customer_url(customer_id))).await
+        self.exchange(self.http.get(self.customer_url(customer_id)))
+            .await
     }
 
     async fn exchange(&self, request: reqwest::RequestBuilder) -> Answer {

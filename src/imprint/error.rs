@@ -15,9 +15,15 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     /// 2xx with a readable customer object.
-    Synced { status: u16, customer: Box<Customer> },
+    Synced {
+        status: u16,
+        customer: Box<Customer>,
+    },
     /// Worth trying again later; counts as an attempt.
-    Retry { status: Option<u16>, error: ApiError },
+    Retry {
+        status: Option<u16>,
+        error: ApiError,
+    },
     /// 429: slow the whole sender down; not an attempt.
     RateLimited { retry_after: Duration },
     /// Final for this row (400, 404, 422, other 4xx).
@@ -184,7 +190,12 @@ pub fn read_error(status: u16, body: &[u8]) -> ApiError {
     let details: Vec<String> = v
         .get("details")
         .and_then(Value::as_array)
-        .map(|d| d.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|d| {
+            d.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     if str_of(&v, "error").is_some() || !details.is_empty() {
         let param = details
@@ -192,7 +203,9 @@ pub fn read_error(status: u16, body: &[u8]) -> ApiError {
             .and_then(|d| d.split_once(':'))
             .map(|(field, _)| field.trim().to_owned());
         let message = if details.is_empty() {
-            str_of(&v, "message").or_else(|| str_of(&v, "error")).unwrap_or_default()
+            str_of(&v, "message")
+                .or_else(|| str_of(&v, "error"))
+                .unwrap_or_default()
         } else {
             details.join("; ")
         };

@@ -170,7 +170,11 @@ impl Customer {
             ("phone", &sent.phone, &self.phone),
             ("first_name", &sent.first_name, &self.first_name),
             ("last_name", &sent.last_name, &self.last_name),
-            ("preferred_language", &sent.preferred_language, &self.preferred_language),
+            (
+                "preferred_language",
+                &sent.preferred_language,
+                &self.preferred_language,
+            ),
             ("street_line1", &sent.street_line1, &addr.street_line1),
             ("street_line2", &sent.street_line2, &addr.street_line2),
             ("city", &sent.city, &addr.city),
@@ -183,13 +187,18 @@ impl Customer {
             if let Some(s) = sent
                 && Some(s) != returned.as_ref()
             {
-                drift.insert(field.into(), serde_json::json!({"sent": s, "returned": returned}));
+                drift.insert(
+                    field.into(),
+                    serde_json::json!({"sent": s, "returned": returned}),
+                );
             }
         }
         // Imprint may keep metadata keys it had before: only the keys sent are compared.
         if let Some(m) = &sent.metadata {
             let returned = self.metadata.as_ref().and_then(Value::as_object);
-            if m.iter().any(|(k, v)| returned.and_then(|r| r.get(k)) != Some(v)) {
+            if m.iter()
+                .any(|(k, v)| returned.and_then(|r| r.get(k)) != Some(v))
+            {
                 drift.insert(
                     "metadata".into(),
                     serde_json::json!({"sent": m, "returned": self.metadata}),

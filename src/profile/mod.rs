@@ -115,12 +115,7 @@ pub fn check_phone(v: &str) -> Result<(), ProfileError> {
     }
 }
 
-fn check_code(
-    field: &'static str,
-    v: &str,
-    list: &[&str],
-    what: &str,
-) -> Result<(), ProfileError> {
+fn check_code(field: &'static str, v: &str, list: &[&str], what: &str) -> Result<(), ProfileError> {
     if list.binary_search(&v).is_ok() {
         Ok(())
     } else {
@@ -211,7 +206,11 @@ pub fn map_row(row: &OutboxRow) -> Result<UpdateCustomerRequest, ProfileError> {
     let phone = text("phone", &row.phone, |_, v| check_phone(v))?;
     let first_name = text("first_name", &row.first_name, any_text)?;
     let last_name = text("last_name", &row.last_name, any_text)?;
-    let preferred_language = text("preferred_language", &row.preferred_language, check_language)?;
+    let preferred_language = text(
+        "preferred_language",
+        &row.preferred_language,
+        check_language,
+    )?;
     let street_line1 = text("street_line1", &row.street_line1, any_text)?;
     let street_line2 = text("street_line2", &row.street_line2, any_text)?;
     let city = text("city", &row.city, any_text)?;
