@@ -227,7 +227,10 @@ impl Settings {
         Url::parse(&self.database.url)
             .map_err(|e| ConfigError::new("database.url", format!("not a URL: {e}")))?;
         let positive: [(&str, u64); 12] = [
-            ("database.max_connections", self.database.max_connections.into()),
+            (
+                "database.max_connections",
+                self.database.max_connections.into(),
+            ),
             ("api.timeout_ms", self.api.timeout_ms),
             ("api.connect_timeout_ms", self.api.connect_timeout_ms),
             ("sync.batch_size", self.sync.batch_size.into()),
@@ -238,7 +241,10 @@ impl Settings {
             ("sync.backoff_base_ms", self.sync.backoff_base_ms),
             ("sync.backoff_max_ms", self.sync.backoff_max_ms),
             ("rate_limit.burst", self.rate_limit.burst.into()),
-            ("rate_limit.max_retry_after_ms", self.rate_limit.max_retry_after_ms),
+            (
+                "rate_limit.max_retry_after_ms",
+                self.rate_limit.max_retry_after_ms,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -325,7 +331,10 @@ impl Settings {
     /// The admin server's address.
     pub fn admin_listen(&self) -> Result<SocketAddr, ConfigError> {
         self.admin.listen.parse().map_err(|e| {
-            ConfigError::new("admin.listen", format!("not a socket address (host:port): {e}"))
+            ConfigError::new(
+                "admin.listen",
+                format!("not a socket address (host:port): {e}"),
+            )
         })
     }
 

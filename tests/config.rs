@@ -31,7 +31,11 @@ fn check_config(env: &[(&str, &str)]) -> Output {
 
 fn assert_config_error(out: &Output, key: &str, case: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{case}: exit code; stderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{case}: exit code; stderr: {stderr}"
+    );
     assert!(
         stderr.contains(&format!("`{key}`")),
         "{case}: stderr should name `{key}`: {stderr}"
@@ -45,22 +49,37 @@ fn assert_ok(out: &Output, case: &str) {
 #[test]
 fn defaults_are_the_documented_values() {
     let s = load(None, &[]).expect("defaults load");
-    assert_eq!(s.database.url, "postgres://postgres@localhost:5432/postgres");
+    assert_eq!(
+        s.database.url,
+        "postgres://postgres@localhost:5432/postgres"
+    );
     assert_eq!(s.database.max_connections, 8);
     assert_eq!(s.api.base_url, "https://dev.sbx.imprint.co");
     assert!(s.api.key.is_none() && s.api.key_file.is_none() && s.api.merchant_key.is_none());
-    assert_eq!((s.api.timeout_ms, s.api.connect_timeout_ms), (10_000, 3_000));
+    assert_eq!(
+        (s.api.timeout_ms, s.api.connect_timeout_ms),
+        (10_000, 3_000)
+    );
     assert!(!s.api.allow_insecure_http);
     assert_eq!(s.sync.batch_size, 500);
     assert_eq!(s.sync.concurrency, 64);
     assert_eq!(s.sync.poll_interval_ms, 1_000);
     assert_eq!(s.sync.lease_ms, 60_000);
     assert_eq!(s.sync.max_attempts, 10);
-    assert_eq!((s.sync.backoff_base_ms, s.sync.backoff_max_ms), (1_000, 300_000));
+    assert_eq!(
+        (s.sync.backoff_base_ms, s.sync.backoff_max_ms),
+        (1_000, 300_000)
+    );
     assert_eq!(s.sync.shutdown_grace_ms, 10_000);
     assert_eq!(s.rate_limit.requests_per_second, 50.0);
-    assert_eq!((s.rate_limit.burst, s.rate_limit.max_retry_after_ms), (10, 60_000));
-    assert_eq!((s.retention.synced_days, s.retention.attempts_days), (30, 14));
+    assert_eq!(
+        (s.rate_limit.burst, s.rate_limit.max_retry_after_ms),
+        (10, 60_000)
+    );
+    assert_eq!(
+        (s.retention.synced_days, s.retention.attempts_days),
+        (30, 14)
+    );
     assert_eq!(s.admin.listen, "127.0.0.1:9187");
     assert_eq!(s.log.format, LogFormat::Json);
     assert_eq!(s.log.level, "info");
@@ -69,11 +88,9 @@ fn defaults_are_the_documented_values() {
 
 #[test]
 fn built_in_defaults_are_the_shipped_file() {
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/default.toml"
-    ))
-    .expect("reading config/default.toml");
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+            .expect("reading config/default.toml");
     assert_eq!(DEFAULT_TOML, shipped);
 }
 
@@ -122,7 +139,10 @@ fn every_setting_appears_in_default_toml() {
     for (section, keys) in settings.as_object().unwrap() {
         for key in keys.as_object().unwrap().keys() {
             let name = format!("{section}.{key}");
-            assert!(documented.contains(&name), "{name} is missing from default.toml");
+            assert!(
+                documented.contains(&name),
+                "{name} is missing from default.toml"
+            );
         }
     }
 }
@@ -152,7 +172,10 @@ fn database_url_is_honoured_below_the_prefixed_variable() {
         ],
     )
     .unwrap();
-    assert_eq!(s.database.url, prefixed, "IMPRINT_SYNC__DATABASE__URL beats DATABASE_URL");
+    assert_eq!(
+        s.database.url, prefixed,
+        "IMPRINT_SYNC__DATABASE__URL beats DATABASE_URL"
+    );
 }
 
 #[test]
@@ -201,8 +224,14 @@ fn debug_output_never_shows_secrets() {
     assert!(s.api.key.is_some() && s.api.merchant_key.is_some());
     for text in [format!("{s:?}"), format!("{s:#?}"), s.redacted_toml()] {
         assert!(!text.contains(KEY), "API key printed: {text}");
-        assert!(!text.contains("merchant-secret-42"), "merchant key printed: {text}");
-        assert!(!text.contains(DB_PASSWORD), "database password printed: {text}");
+        assert!(
+            !text.contains("merchant-secret-42"),
+            "merchant key printed: {text}"
+        );
+        assert!(
+            !text.contains(DB_PASSWORD),
+            "database password printed: {text}"
+        );
     }
 }
 
@@ -212,7 +241,10 @@ fn check_config_redacts_the_key_and_the_database_password() {
     let db_url = format!("postgres://app:{DB_PASSWORD}@db.internal:5432/app");
     for key_var in [
         ("IMPRINT_SYNC__API__KEY", KEY),
-        ("IMPRINT_SYNC__API__KEY_FILE", key_file.path().to_str().unwrap()),
+        (
+            "IMPRINT_SYNC__API__KEY_FILE",
+            key_file.path().to_str().unwrap(),
+        ),
     ] {
         let out = check_config(&[key_var, ("DATABASE_URL", &db_url)]);
         assert_ok(&out, key_var.0);
@@ -244,10 +276,22 @@ fn each_invalid_value_exits_64_naming_the_key() {
     let short_lease = (timeout + LEASE_MARGIN_MS - 1).to_string();
     let cases: &[(&str, &str, &str)] = &[
         ("IMPRINT_SYNC__API__BASE_URL", "not a url", "api.base_url"),
-        ("IMPRINT_SYNC__API__BASE_URL", "http://example.com", "api.base_url"),
-        ("IMPRINT_SYNC__API__BASE_URL", "ftp://example.com", "api.base_url"),
+        (
+            "IMPRINT_SYNC__API__BASE_URL",
+            "http://example.com",
+            "api.base_url",
+        ),
+        (
+            "IMPRINT_SYNC__API__BASE_URL",
+            "ftp://example.com",
+            "api.base_url",
+        ),
         ("IMPRINT_SYNC__SYNC__LEASE_MS", "10000", "sync.lease_ms"),
-        ("IMPRINT_SYNC__SYNC__LEASE_MS", &short_lease, "sync.lease_ms"),
+        (
+            "IMPRINT_SYNC__SYNC__LEASE_MS",
+            &short_lease,
+            "sync.lease_ms",
+        ),
         ("IMPRINT_SYNC__SYNC__BATCH_SIZE", "0", "sync.batch_size"),
         ("IMPRINT_SYNC__SYNC__CONCURRENCY", "0", "sync.concurrency"),
         (
@@ -286,13 +330,19 @@ fn plain_http_is_allowed_for_loopback_or_when_asked() {
 #[test]
 fn an_unknown_key_in_the_file_is_named() {
     let file = toml_file("[sync]\nbatch_sise = 100\n");
-    let out = run_binary(&["check-config", "--config", file.path().to_str().unwrap()], &[]);
+    let out = run_binary(
+        &["check-config", "--config", file.path().to_str().unwrap()],
+        &[],
+    );
     assert_config_error(&out, "sync.batch_sise", "unknown key in --config file");
 }
 
 #[test]
 fn a_missing_config_file_exits_64() {
-    let out = run_binary(&["check-config", "--config", "/nonexistent/imprint.toml"], &[]);
+    let out = run_binary(
+        &["check-config", "--config", "/nonexistent/imprint.toml"],
+        &[],
+    );
     assert_config_error(&out, "--config", "missing --config file");
 }
 

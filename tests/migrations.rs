@@ -45,7 +45,12 @@ async fn migrate_creates_the_tables_and_is_idempotent() {
     assert!(our_tables(&db.pool).await.is_empty());
     for run in ["first", "second"] {
         let out = migrate(&db);
-        assert_eq!(out.status.code(), Some(0), "{run} run: {}", output_text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{run} run: {}",
+            output_text(&out)
+        );
         assert_fully_migrated(&db).await;
     }
 }
@@ -174,6 +179,12 @@ async fn outbox_count(pool: &PgPool) -> i64 {
     count(pool, "imprint_sync.customer_outbox").await
 }
 
+/// Runs the partner's statement; returns how many outbox rows there are then.
+async fn outbox_rows_after(pool: &PgPool, sql: &'static str) -> i64 {
+    exec(pool, sql).await;
+    outbox_count(pool).await
+}
+
 type MappedRow = (
     String,
     Option<String>,
@@ -232,32 +243,32 @@ async fn an_update_enqueues_one_row_with_the_mapped_columns() {
 #[tokio::test]
 async fn an_update_of_unmapped_columns_enqueues_nothing() {
     let db = with_partner_table("AFTER INSERT OR UPDATE").await;
-    exec(&db.pool, "UPDATE customers SET unrelated = 'y'").await;
-    assert_eq!(outbox_count(&db.pool).await, 0);
+    let unmapped = "UPDATE customers SET unrelated = 'y'";
+    assert_eq!(outbox_rows_after(&db.pool, unmapped).await, 0);
     // The same statement on a mapped column does enqueue: the zero above is not vacuous.
-    exec(&db.pool, "UPDATE customers SET first_name = 'Ann' WHERE imprint_customer_id = 'cust-1'")
-        .await;
-    assert_eq!(outbox_count(&db.pool).await, 1);
+    let mapped = "UPDATE customers SET first_name = 'Ann' WHERE imprint_customer_id = 'cust-1'";
+    assert_eq!(outbox_rows_after(&db.pool, mapped).await, 1);
 }
 
 #[tokio::test]
 async fn rows_without_an_imprint_id_are_skipped() {
     let db = with_partner_table("AFTER INSERT OR UPDATE").await;
-    exec(
-        &db.pool,
-        "UPDATE customers SET email = 'still-unlinked@example.com' WHERE imprint_customer_id IS NULL;
-         INSERT INTO customers (email) VALUES ('new-unlinked@example.com');",
-    )
-    .await;
-    assert_eq!(outbox_count(&db.pool).await, 0);
+    let unlinked =
+        "UPDATE customers SET email = 'still@example.com' WHERE imprint_customer_id IS NULL;
+                    INSERT INTO customers (email) VALUES ('new-unlinked@example.com');";
+    assert_eq!(outbox_rows_after(&db.pool, unlinked).await, 0);
 }
 
 #[tokio::test]
 async fn attached_before_the_partners_write_survives() {
     let db = with_partner_table("BEFORE INSERT OR UPDATE").await;
-    assert_eq!(count(&db.pool, "customers").await, 2, "a BEFORE trigger must not cancel the partner's insert");
-    exec(&db.pool, "UPDATE customers SET email = 'b@example.com' WHERE id = 1").await;
-    assert_eq!(outbox_count(&db.pool).await, 1);
+    assert_eq!(
+        count(&db.pool, "customers").await,
+        2,
+        "a BEFORE trigger must not cancel the partner's insert"
+    );
+    let update = "UPDATE customers SET email = 'b@example.com' WHERE id = 1";
+    assert_eq!(outbox_rows_after(&db.pool, update).await, 1);
 }
 
 #[tokio::test]

@@ -67,7 +67,10 @@ impl Drop for TestDb {
                 .build()
                 .expect("runtime");
             if let Err(e) = rt.block_on(scratch.drop_now()) {
-                eprintln!("warning: could not drop test database {}: {e:#}", scratch.name);
+                eprintln!(
+                    "warning: could not drop test database {}: {e:#}",
+                    scratch.name
+                );
             }
         })
         .join()
@@ -127,7 +130,9 @@ async fn container() -> Option<String> {
     let port = node.get_host_port_ipv4(5432).await.ok()?;
     // Keep the container for the process's lifetime; it is removed when Docker reaps it.
     Box::leak(Box::new(node));
-    Some(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+    Some(format!(
+        "postgres://postgres:postgres@127.0.0.1:{port}/postgres"
+    ))
 }
 
 /// Runs the built `imprint-sync` binary with exactly the given environment (plus PATH), so
