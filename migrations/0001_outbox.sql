@@ -112,13 +112,14 @@ CREATE TRIGGER customer_outbox_notify
     AFTER INSERT ON imprint_sync.customer_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION imprint_sync.notify_outbox();
 
--- A ready trigger function for the partner's own customers table. It reads the new row as
--- JSON and copies every column whose name matches an outbox column; columns the partner's
--- table lacks stay NULL ("leave unchanged"). The Imprint customer id comes from the column
--- named by the first trigger argument (default: imprint_customer_id); rows without one are
--- not yet linked to Imprint and are skipped. Values are copied as text and cast by the
--- outbox's own column types, so a bad value never fails the partner's write: a cast that
--- fails leaves that column NULL... except customer_id, which is required.
+-- A ready trigger function for the partner's own customers table: attach it AFTER INSERT OR
+-- UPDATE ... FOR EACH ROW. It reads the new row as JSON and copies every column whose name
+-- matches an outbox column; columns the partner's table lacks stay NULL ("leave unchanged").
+-- The Imprint customer id comes from the column named by the first trigger argument
+-- (default: imprint_customer_id); rows without one are not linked to Imprint yet and are
+-- skipped. An UPDATE that changes no mapped column enqueues nothing. Numbers and times go
+-- through lenient casts, so a value that does not fit becomes NULL instead of failing the
+-- partner's write. It returns NEW, so even attached BEFORE it never cancels that write.
 CREATE FUNCTION imprint_sync.enqueue_customer_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -127,7 +128,7 @@ DECLARE
     cust_id   text  := src ->> id_column;
 BEGIN
     IF cust_id IS NULL OR cust_id = '' THEN
-        RETURN NULL;
+        RETURN NEW;
     END IF;
     -- On UPDATE, enqueue only when a mapped column changed.
     IF TG_OP = 'UPDATE' THEN
@@ -137,7 +138,7 @@ BEGIN
                                 'country','account_tenure','ltv_amount','ltv_currency',
                                 'loyalty_tier','account_created_at','transaction_count',
                                 'metadata', id_column]) AS k) THEN
-            RETURN NULL;
+            RETURN NEW;
         END IF;
     END IF;
     INSERT INTO imprint_sync.customer_outbox (
@@ -155,7 +156,7 @@ BEGIN
         imprint_sync.try_timestamptz(src ->> 'account_created_at'),
         imprint_sync.try_bigint(src ->> 'transaction_count'),
         src -> 'metadata');
-    RETURN NULL;
+    RETURN NEW;
 END;
 $$;
 

@@ -169,11 +169,12 @@ impl Settings {
             }
             builder = builder.add_source(File::from(file).format(FileFormat::Toml));
         }
-        // DATABASE_URL sits below the prefixed variables, so IMPRINT_SYNC__DATABASE__URL wins.
+        // DATABASE_URL is a source of its own just below the prefixed variables, so it beats
+        // the files and IMPRINT_SYNC__DATABASE__URL beats it (an override would beat all).
         if let Some(url) = env.get("DATABASE_URL").filter(|u| !u.is_empty()) {
-            builder = builder
-                .set_override("database.url", url.as_str())
-                .map_err(|e| ConfigError::new("database.url", e.to_string()))?;
+            let mapped = config::Map::from([("DATABASE__URL".to_owned(), url.clone())]);
+            builder =
+                builder.add_source(Environment::default().separator("__").source(Some(mapped)));
         }
         let prefixed: config::Map<String, String> = env
             .into_iter()
@@ -402,18 +403,20 @@ pub fn redact_database_url(url: &str) -> String {
     }
 }
 
-/// Turns the config crate's error into one that names the key where it can.
+/// Turns the config crate's error into one that names the key where it can. An unknown
+/// key comes as "unknown field `x` ... for key `section`", which names `section.x`.
 fn config_crate_error(e: config::ConfigError) -> ConfigError {
     let text = e.to_string();
-    let key = text
+    let at = text
         .rsplit_once(" for key `")
-        .and_then(|(_, rest)| rest.split('`').next())
-        .map(str::to_owned)
-        .or_else(|| {
-            text.strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "(configuration)".to_owned());
+        .and_then(|(_, rest)| rest.split('`').next());
+    let unknown = text
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let key = match (at, unknown) {
+        (Some(section), Some(field)) => format!("{section}.{field}"),
+        (Some(key), None) | (None, Some(key)) => key.to_owned(),
+        (None, None) => "(configuration)".to_owned(),
+    };
     ConfigError::new(key, text)
 }

@@ -78,6 +78,18 @@ pub struct ScratchDatabase {
 impl ScratchDatabase {
     /// Creates and migrates a fresh database named `{prefix}_{random}`.
     pub async fn create(admin_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let db = Self::create_empty(admin_url, prefix).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(connect_options(&db.url)?)
+            .await?;
+        migrate(&pool).await?;
+        pool.close().await;
+        Ok(db)
+    }
+
+    /// Creates a fresh, empty database named `{prefix}_{random}` (not migrated).
+    pub async fn create_empty(admin_url: &str, prefix: &str) -> anyhow::Result<Self> {
         use sqlx::Executor;
         let admin = connect_options(admin_url)?;
         let name = format!("{prefix}_{:016x}", rand::random::<u64>());
@@ -94,18 +106,11 @@ impl ScratchDatabase {
             .with_context(|| format!("creating database {name}"))?;
         let mut url = url::Url::parse(admin_url).context("parsing the database URL")?;
         url.set_path(&name);
-        let db = Self {
+        Ok(Self {
             url: url.to_string(),
             name,
             admin,
-        };
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(connect_options(&db.url)?)
-            .await?;
-        migrate(&pool).await?;
-        pool.close().await;
-        Ok(db)
+        })
     }
 
     /// Drops the database, disconnecting whoever is still on it.

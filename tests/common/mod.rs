@@ -3,6 +3,7 @@
 //! started with testcontainers.
 #![allow(dead_code)]
 
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use imprint_sync::db::ScratchDatabase;
@@ -19,11 +20,25 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database with the migrations applied.
     pub async fn new() -> Self {
+        Self::create(true).await
+    }
+
+    /// A fresh, empty database: no schema of ours yet (for testing `migrate` itself).
+    pub async fn empty() -> Self {
+        Self::create(false).await
+    }
+
+    async fn create(migrated: bool) -> Self {
         let admin = admin_url().await;
-        let scratch = ScratchDatabase::create(&admin, "imprint_sync_test")
-            .await
-            .expect("creating the test database");
+        let prefix = "imprint_sync_test";
+        let scratch = if migrated {
+            ScratchDatabase::create(&admin, prefix).await
+        } else {
+            ScratchDatabase::create_empty(&admin, prefix).await
+        }
+        .expect("creating the test database");
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .connect(&scratch.url)
@@ -42,19 +57,21 @@ impl Drop for TestDb {
         let Some(scratch) = self.scratch.take() else {
             return;
         };
-        let pool = self.pool.clone();
-        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        // Drop runs inside the test's runtime, which is blocked here: the work goes to a
+        // thread and runtime of its own. The pool is not closed there (its sockets belong to
+        // the blocked runtime, so closing could wait forever); DROP DATABASE ... WITH (FORCE)
+        // ends its sessions, and the pool is dropped with `self`.
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(async move {
-                pool.close().await;
-                if let Err(e) = scratch.drop_now().await {
-                    eprintln!("warning: could not drop test database {}: {e:#}", scratch.name);
-                }
-            });
+            if let Err(e) = rt.block_on(scratch.drop_now()) {
+                eprintln!(
+                    "warning: could not drop test database {}: {e:#}",
+                    scratch.name
+                );
+            }
         })
         .join()
         .ok();
@@ -113,5 +130,34 @@ async fn container() -> Option<String> {
     let port = node.get_host_port_ipv4(5432).await.ok()?;
     // Keep the container for the process's lifetime; it is removed when Docker reaps it.
     Box::leak(Box::new(node));
-    Some(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+    Some(format!(
+        "postgres://postgres:postgres@127.0.0.1:{port}/postgres"
+    ))
+}
+
+/// Runs the built `imprint-sync` binary with exactly the given environment (plus PATH), so
+/// nothing from the developer's shell leaks into what is tested.
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
+    binary_command(args, env)
+        .output()
+        .expect("running the imprint-sync binary")
+}
+
+/// The `imprint-sync` command with a clean environment, for tests that spawn it themselves.
+pub fn binary_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint-sync"));
+    cmd.args(args).env_clear().envs(env.iter().copied());
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd
+}
+
+/// The process's stdout and stderr together, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

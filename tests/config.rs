@@ -1,0 +1,365 @@
+//! The configuration: layering, the key file, the shipped defaults, and every validation
+//! error as an operator meets it (the binary's exit code and message).
+
+mod common;
+
+use std::io::Write;
+use std::process::Output;
+
+use common::{TestDb, output_text, run_binary};
+use imprint_sync::config::{ConfigError, DEFAULT_TOML, LEASE_MARGIN_MS, LogFormat, Settings};
+use secrecy::ExposeSecret;
+use tempfile::NamedTempFile;
+
+const KEY: &str = "sk_live_9f8e7d6c5b4a-never-print-me";
+const DB_PASSWORD: &str = "hunter2-db-pass";
+
+fn toml_file(text: &str) -> NamedTempFile {
+    let mut file = NamedTempFile::new().expect("temp file");
+    file.write_all(text.as_bytes()).expect("writing temp file");
+    file
+}
+
+fn load(file: Option<&NamedTempFile>, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    Settings::load_from(file.map(NamedTempFile::path), env)
+}
+
+fn check_config(env: &[(&str, &str)]) -> Output {
+    run_binary(&["check-config"], env)
+}
+
+fn assert_config_error(out: &Output, key: &str, case: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{case}: exit code; stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("`{key}`")),
+        "{case}: stderr should name `{key}`: {stderr}"
+    );
+}
+
+fn assert_ok(out: &Output, case: &str) {
+    assert_eq!(out.status.code(), Some(0), "{case}: {}", output_text(out));
+}
+
+#[test]
+fn defaults_are_the_documented_values() {
+    let s = load(None, &[]).expect("defaults load");
+    assert_eq!(
+        s.database.url,
+        "postgres://postgres@localhost:5432/postgres"
+    );
+    assert_eq!(s.database.max_connections, 8);
+    assert_eq!(s.api.base_url, "https://dev.sbx.imprint.co");
+    assert!(s.api.key.is_none() && s.api.key_file.is_none() && s.api.merchant_key.is_none());
+    assert_eq!(
+        (s.api.timeout_ms, s.api.connect_timeout_ms),
+        (10_000, 3_000)
+    );
+    assert!(!s.api.allow_insecure_http);
+    assert_eq!(s.sync.batch_size, 500);
+    assert_eq!(s.sync.concurrency, 64);
+    assert_eq!(s.sync.poll_interval_ms, 1_000);
+    assert_eq!(s.sync.lease_ms, 60_000);
+    assert_eq!(s.sync.max_attempts, 10);
+    assert_eq!(
+        (s.sync.backoff_base_ms, s.sync.backoff_max_ms),
+        (1_000, 300_000)
+    );
+    assert_eq!(s.sync.shutdown_grace_ms, 10_000);
+    assert_eq!(s.rate_limit.requests_per_second, 50.0);
+    assert_eq!(
+        (s.rate_limit.burst, s.rate_limit.max_retry_after_ms),
+        (10, 60_000)
+    );
+    assert_eq!(
+        (s.retention.synced_days, s.retention.attempts_days),
+        (30, 14)
+    );
+    assert_eq!(s.admin.listen, "127.0.0.1:9187");
+    assert_eq!(s.log.format, LogFormat::Json);
+    assert_eq!(s.log.level, "info");
+    assert!(!s.privacy.store_sensitive_response_fields);
+}
+
+#[test]
+fn built_in_defaults_are_the_shipped_file() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+            .expect("reading config/default.toml");
+    assert_eq!(DEFAULT_TOML, shipped);
+}
+
+/// A line that sets a key, or shows one commented out (`# key = ""`).
+fn key_of(line: &str) -> Option<&str> {
+    let line = line.trim_start_matches('#').trim();
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')).then_some(key)
+}
+
+#[test]
+fn every_key_in_default_toml_has_a_comment_with_its_default() {
+    let lines: Vec<&str> = DEFAULT_TOML.lines().collect();
+    let mut keys = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Some(key) = key_of(line) else { continue };
+        keys += 1;
+        let comment: Vec<&str> = lines[..i]
+            .iter()
+            .rev()
+            .take_while(|l| l.starts_with('#') && key_of(l).is_none())
+            .copied()
+            .collect();
+        assert!(!comment.is_empty(), "`{key}` has no comment line above it");
+        assert!(
+            comment.iter().any(|l| l.to_lowercase().contains("default")),
+            "the comment above `{key}` does not state its default: {comment:?}"
+        );
+    }
+    assert!(keys >= 25, "only {keys} keys found in config/default.toml");
+}
+
+#[test]
+fn every_setting_appears_in_default_toml() {
+    let settings = serde_json::to_value(load(None, &[]).expect("defaults load")).unwrap();
+    let mut section = String::new();
+    let mut documented = Vec::new();
+    for line in DEFAULT_TOML.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        } else if let Some(key) = key_of(line) {
+            documented.push(format!("{section}.{key}"));
+        }
+    }
+    for (section, keys) in settings.as_object().unwrap() {
+        for key in keys.as_object().unwrap().keys() {
+            let name = format!("{section}.{key}");
+            assert!(
+                documented.contains(&name),
+                "{name} is missing from default.toml"
+            );
+        }
+    }
+}
+
+#[test]
+fn layers_default_then_file_then_environment() {
+    let file = toml_file("[sync]\nbatch_size = 100\nconcurrency = 7\n");
+    let s = load(Some(&file), &[("IMPRINT_SYNC__SYNC__CONCURRENCY", "9")]).unwrap();
+    assert_eq!(s.sync.poll_interval_ms, 1_000, "default kept");
+    assert_eq!(s.sync.batch_size, 100, "file beats default");
+    assert_eq!(s.sync.concurrency, 9, "environment beats file");
+}
+
+#[test]
+fn database_url_is_honoured_below_the_prefixed_variable() {
+    let file = toml_file("[database]\nurl = \"postgres://file@localhost/file\"\n");
+    let from_env = "postgres://env@localhost/env";
+    let s = load(Some(&file), &[("DATABASE_URL", from_env)]).unwrap();
+    assert_eq!(s.database.url, from_env, "DATABASE_URL beats the file");
+
+    let prefixed = "postgres://prefixed@localhost/prefixed";
+    let s = load(
+        Some(&file),
+        &[
+            ("DATABASE_URL", from_env),
+            ("IMPRINT_SYNC__DATABASE__URL", prefixed),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        s.database.url, prefixed,
+        "IMPRINT_SYNC__DATABASE__URL beats DATABASE_URL"
+    );
+}
+
+#[test]
+fn key_file_is_read_with_the_trailing_newline_trimmed() {
+    let key_file = toml_file(&format!("{KEY}\n"));
+    let path = key_file.path().to_str().unwrap();
+    let s = load(None, &[("IMPRINT_SYNC__API__KEY_FILE", path)]).unwrap();
+    assert_eq!(s.api.key.as_ref().map(|k| k.expose_secret()), Some(KEY));
+}
+
+#[test]
+fn key_and_key_file_together_are_refused() {
+    let key_file = toml_file(KEY);
+    let path = key_file.path().to_str().unwrap();
+    let err = load(
+        None,
+        &[
+            ("IMPRINT_SYNC__API__KEY_FILE", path),
+            ("IMPRINT_SYNC__API__KEY", KEY),
+        ],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "api.key_file", "{err}");
+}
+
+#[test]
+fn a_missing_key_file_is_named() {
+    let path = "/nonexistent/imprint-api-key";
+    let err = load(None, &[("IMPRINT_SYNC__API__KEY_FILE", path)]).unwrap_err();
+    assert_eq!(err.key, "api.key_file", "{err}");
+    assert!(err.message.contains(path), "{err}");
+}
+
+#[test]
+fn debug_output_never_shows_secrets() {
+    let db_url = format!("postgres://app:{DB_PASSWORD}@localhost:5432/app");
+    let s = load(
+        None,
+        &[
+            ("IMPRINT_SYNC__API__KEY", KEY),
+            ("IMPRINT_SYNC__API__MERCHANT_KEY", "merchant-secret-42"),
+            ("DATABASE_URL", &db_url),
+        ],
+    )
+    .unwrap();
+    assert!(s.api.key.is_some() && s.api.merchant_key.is_some());
+    for text in [format!("{s:?}"), format!("{s:#?}"), s.redacted_toml()] {
+        assert!(!text.contains(KEY), "API key printed: {text}");
+        assert!(
+            !text.contains("merchant-secret-42"),
+            "merchant key printed: {text}"
+        );
+        assert!(
+            !text.contains(DB_PASSWORD),
+            "database password printed: {text}"
+        );
+    }
+}
+
+#[test]
+fn check_config_redacts_the_key_and_the_database_password() {
+    let key_file = toml_file(&format!("{KEY}\n"));
+    let db_url = format!("postgres://app:{DB_PASSWORD}@db.internal:5432/app");
+    for key_var in [
+        ("IMPRINT_SYNC__API__KEY", KEY),
+        (
+            "IMPRINT_SYNC__API__KEY_FILE",
+            key_file.path().to_str().unwrap(),
+        ),
+    ] {
+        let out = check_config(&[key_var, ("DATABASE_URL", &db_url)]);
+        assert_ok(&out, key_var.0);
+        let text = output_text(&out);
+        assert!(!text.contains(KEY), "{}: key printed: {text}", key_var.0);
+        assert!(!text.contains(DB_PASSWORD), "password printed: {text}");
+        assert!(text.contains(r#"key = "[redacted]""#), "{text}");
+        assert!(text.contains("db.internal:5432/app"), "{text}");
+    }
+}
+
+#[test]
+fn check_config_layers_the_config_file_under_the_environment() {
+    let file = toml_file("[sync]\nbatch_size = 100\nconcurrency = 7\n");
+    let path = file.path().to_str().unwrap();
+    let out = run_binary(
+        &["check-config", "--config", path],
+        &[("IMPRINT_SYNC__SYNC__CONCURRENCY", "9")],
+    );
+    assert_ok(&out, "--config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("batch_size = 100\n"), "{stdout}");
+    assert!(stdout.contains("concurrency = 9\n"), "{stdout}");
+}
+
+#[test]
+fn each_invalid_value_exits_64_naming_the_key() {
+    let timeout = 10_000;
+    let short_lease = (timeout + LEASE_MARGIN_MS - 1).to_string();
+    let cases: &[(&str, &str, &str)] = &[
+        ("IMPRINT_SYNC__API__BASE_URL", "not a url", "api.base_url"),
+        (
+            "IMPRINT_SYNC__API__BASE_URL",
+            "http://example.com",
+            "api.base_url",
+        ),
+        (
+            "IMPRINT_SYNC__API__BASE_URL",
+            "ftp://example.com",
+            "api.base_url",
+        ),
+        ("IMPRINT_SYNC__SYNC__LEASE_MS", "10000", "sync.lease_ms"),
+        (
+            "IMPRINT_SYNC__SYNC__LEASE_MS",
+            &short_lease,
+            "sync.lease_ms",
+        ),
+        ("IMPRINT_SYNC__SYNC__BATCH_SIZE", "0", "sync.batch_size"),
+        ("IMPRINT_SYNC__SYNC__CONCURRENCY", "0", "sync.concurrency"),
+        (
+            "IMPRINT_SYNC__RATE_LIMIT__REQUESTS_PER_SECOND",
+            "0",
+            "rate_limit.requests_per_second",
+        ),
+        ("IMPRINT_SYNC__SYNC__BATCH_SIZE", "abc", "sync.batch_size"),
+        ("IMPRINT_SYNC__SYNC__BATCH_SIZEE", "5", "sync.batch_sizee"),
+        ("IMPRINT_SYNC__ADMIN__LISTEN", "nowhere", "admin.listen"),
+        ("DATABASE_URL", "not a url", "database.url"),
+    ];
+    for (var, value, key) in cases {
+        let out = check_config(&[(var, value)]);
+        assert_config_error(&out, key, &format!("{var}={value}"));
+    }
+}
+
+#[test]
+fn plain_http_is_allowed_for_loopback_or_when_asked() {
+    let lease_at_margin = (10_000 + LEASE_MARGIN_MS).to_string();
+    let cases: &[&[(&str, &str)]] = &[
+        &[("IMPRINT_SYNC__API__BASE_URL", "http://127.0.0.1:8089")],
+        &[("IMPRINT_SYNC__API__BASE_URL", "http://localhost:8089")],
+        &[
+            ("IMPRINT_SYNC__API__BASE_URL", "http://example.com"),
+            ("IMPRINT_SYNC__API__ALLOW_INSECURE_HTTP", "true"),
+        ],
+        &[("IMPRINT_SYNC__SYNC__LEASE_MS", &lease_at_margin)],
+    ];
+    for env in cases {
+        assert_ok(&check_config(env), &format!("{env:?}"));
+    }
+}
+
+#[test]
+fn an_unknown_key_in_the_file_is_named() {
+    let file = toml_file("[sync]\nbatch_sise = 100\n");
+    let out = run_binary(
+        &["check-config", "--config", file.path().to_str().unwrap()],
+        &[],
+    );
+    assert_config_error(&out, "sync.batch_sise", "unknown key in --config file");
+}
+
+#[test]
+fn a_missing_config_file_exits_64() {
+    let out = run_binary(
+        &["check-config", "--config", "/nonexistent/imprint.toml"],
+        &[],
+    );
+    assert_config_error(&out, "--config", "missing --config file");
+}
+
+#[tokio::test]
+async fn run_needs_a_key() {
+    // An empty, migrated outbox and a loopback API: once `run --once` exists it finds
+    // nothing due and exits 0; today it exits 2 (not implemented). Never 64 with a key.
+    let db = TestDb::new().await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("IMPRINT_SYNC__API__BASE_URL", "http://127.0.0.1:9"),
+    ];
+    let out = run_binary(&["run", "--once"], &env);
+    assert_config_error(&out, "api.key", "run without a key");
+
+    let with_key = [env[0], env[1], ("IMPRINT_SYNC__API__KEY", KEY)];
+    let out = run_binary(&["run", "--once"], &with_key);
+    assert_ne!(out.status.code(), Some(64), "{}", output_text(&out));
+    assert!(!output_text(&out).contains(KEY));
+}

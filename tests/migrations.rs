@@ -1,0 +1,324 @@
+//! The schema as partners and operators meet it: `imprint-sync migrate`, the outbox's
+//! constraints, the ready trigger function, and the NOTIFY that wakes the daemon.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestDb, binary_command, output_text, run_binary};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+
+const TABLES: [&str; 3] = ["customer_outbox", "customer_sync_state", "sync_attempts"];
+
+async fn our_tables(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+          WHERE table_schema = 'imprint_sync' AND table_name NOT LIKE '\\_sqlx%'
+          ORDER BY table_name",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("listing tables")
+}
+
+async fn applied_migrations(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM imprint_sync._sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await
+        .expect("counting applied migrations")
+}
+
+async fn assert_fully_migrated(db: &TestDb) {
+    assert_eq!(our_tables(&db.pool).await, TABLES);
+    let embedded = imprint_sync::db::migrator().iter().count() as i64;
+    assert_eq!(applied_migrations(&db.pool).await, embedded);
+}
+
+fn migrate(db: &TestDb) -> std::process::Output {
+    run_binary(&["migrate"], &[("DATABASE_URL", &db.url)])
+}
+
+#[tokio::test]
+async fn migrate_creates_the_tables_and_is_idempotent() {
+    let db = TestDb::empty().await;
+    assert!(our_tables(&db.pool).await.is_empty());
+    for run in ["first", "second"] {
+        let out = migrate(&db);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{run} run: {}",
+            output_text(&out)
+        );
+        assert_fully_migrated(&db).await;
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_may_migrate_at_once() {
+    let db = TestDb::empty().await;
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            binary_command(&["migrate"], &[("DATABASE_URL", &db.url)])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawning imprint-sync migrate")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("waiting for migrate");
+        assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    }
+    assert_fully_migrated(&db).await;
+}
+
+#[tokio::test]
+async fn any_content_is_accepted_and_starts_pending() {
+    let db = TestDb::new().await;
+    let (status, attempts): (String, i32) = sqlx::query_as(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('X')
+         RETURNING sync_status, attempts",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the smallest insert");
+    assert_eq!((status.as_str(), attempts), ("pending", 0));
+
+    // Bad values are the engine's to reject row by row; the partner's write never fails.
+    sqlx::query(
+        "INSERT INTO imprint_sync.customer_outbox
+             (customer_id, email, phone, country, account_tenure, ltv_amount, metadata)
+         VALUES ('X', 'not-an-email', '+0123', 'ZZZZ', -3, -1, '[1,2]')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("an insert with garbage content");
+}
+
+async fn insert_error_code(pool: &PgPool, sql: String) -> String {
+    let err = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .expect_err("the insert should be refused");
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .expect("a database error with a SQLSTATE")
+        .into_owned()
+}
+
+#[tokio::test]
+async fn sync_status_is_checked() {
+    let db = TestDb::new().await;
+    let code = insert_error_code(
+        &db.pool,
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('X', 'done')"
+            .to_owned(),
+    )
+    .await;
+    assert_eq!(code, "23514", "check_violation");
+}
+
+#[tokio::test]
+async fn at_most_one_row_per_customer_is_in_flight() {
+    let db = TestDb::new().await;
+    let in_flight = |customer: &str| {
+        format!(
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status)
+             VALUES ('{customer}', 'in_flight')"
+        )
+    };
+    for sql in [in_flight("A"), in_flight("B")] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&db.pool)
+            .await
+            .expect("one in-flight row per customer is fine");
+    }
+    let code = insert_error_code(&db.pool, in_flight("A")).await;
+    assert_eq!(code, "23505", "unique_violation");
+}
+
+/// A fresh database with a partner's own table, the ready trigger attached the way the
+/// README shows, one linked and one unlinked customer, and an empty outbox.
+async fn with_partner_table(trigger: &str) -> TestDb {
+    let db = TestDb::new().await;
+    let ddl = format!(
+        "CREATE TABLE customers (
+             id serial PRIMARY KEY, imprint_customer_id text, email text, phone text,
+             first_name text, state text, country text, account_tenure int, metadata jsonb,
+             unrelated text);
+         CREATE TRIGGER customers_to_imprint {trigger} ON customers
+             FOR EACH ROW EXECUTE FUNCTION imprint_sync.enqueue_customer_change();
+         INSERT INTO customers (imprint_customer_id, email, phone, first_name, state, country,
+                                account_tenure, metadata, unrelated)
+         VALUES ('cust-1', 'old@example.com', '+14155550100', 'Ada', 'CA', 'USA', 3,
+                 '{{\"tier\": \"gold\"}}', 'x'),
+                (NULL, 'unlinked@example.com', NULL, 'Bob', NULL, NULL, NULL, NULL, 'x');
+         DELETE FROM imprint_sync.customer_outbox;"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
+        .execute(&db.pool)
+        .await
+        .expect("creating the partner table");
+    db
+}
+
+async fn exec(pool: &PgPool, sql: &'static str) {
+    sqlx::raw_sql(sql).execute(pool).await.expect(sql);
+}
+
+async fn count(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(pool)
+        .await
+        .expect("counting rows")
+}
+
+async fn outbox_count(pool: &PgPool) -> i64 {
+    count(pool, "imprint_sync.customer_outbox").await
+}
+
+/// Runs the partner's statement; returns how many outbox rows there are then.
+async fn outbox_rows_after(pool: &PgPool, sql: &'static str) -> i64 {
+    exec(pool, sql).await;
+    outbox_count(pool).await
+}
+
+type MappedRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<serde_json::Value>,
+    String,
+);
+
+#[tokio::test]
+async fn an_update_enqueues_one_row_with_the_mapped_columns() {
+    let db = with_partner_table("AFTER INSERT OR UPDATE").await;
+    exec(
+        &db.pool,
+        "UPDATE customers SET email = 'new@example.com' WHERE imprint_customer_id = 'cust-1'",
+    )
+    .await;
+
+    let rows: Vec<MappedRow> = sqlx::query_as(
+        "SELECT customer_id, email, phone, first_name, state, country, account_tenure,
+                metadata, sync_status
+           FROM imprint_sync.customer_outbox",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let s = |v: &str| Some(v.to_owned());
+    assert_eq!(
+        rows,
+        [(
+            "cust-1".to_owned(),
+            s("new@example.com"),
+            s("+14155550100"),
+            s("Ada"),
+            s("CA"),
+            s("USA"),
+            Some(3),
+            Some(serde_json::json!({"tier": "gold"})),
+            "pending".to_owned(),
+        )]
+    );
+
+    // Columns the partner's table lacks stay NULL: "leave unchanged".
+    let absent: (Option<String>, Option<String>, Option<i64>, Option<String>) = sqlx::query_as(
+        "SELECT last_name, street_line1, ltv_amount, postal_code FROM imprint_sync.customer_outbox",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(absent, (None, None, None, None));
+}
+
+#[tokio::test]
+async fn an_update_of_unmapped_columns_enqueues_nothing() {
+    let db = with_partner_table("AFTER INSERT OR UPDATE").await;
+    let unmapped = "UPDATE customers SET unrelated = 'y'";
+    assert_eq!(outbox_rows_after(&db.pool, unmapped).await, 0);
+    // The same statement on a mapped column does enqueue: the zero above is not vacuous.
+    let mapped = "UPDATE customers SET first_name = 'Ann' WHERE imprint_customer_id = 'cust-1'";
+    assert_eq!(outbox_rows_after(&db.pool, mapped).await, 1);
+}
+
+#[tokio::test]
+async fn rows_without_an_imprint_id_are_skipped() {
+    let db = with_partner_table("AFTER INSERT OR UPDATE").await;
+    let unlinked =
+        "UPDATE customers SET email = 'still@example.com' WHERE imprint_customer_id IS NULL;
+                    INSERT INTO customers (email) VALUES ('new-unlinked@example.com');";
+    assert_eq!(outbox_rows_after(&db.pool, unlinked).await, 0);
+}
+
+#[tokio::test]
+async fn attached_before_the_partners_write_survives() {
+    let db = with_partner_table("BEFORE INSERT OR UPDATE").await;
+    assert_eq!(
+        count(&db.pool, "customers").await,
+        2,
+        "a BEFORE trigger must not cancel the partner's insert"
+    );
+    let update = "UPDATE customers SET email = 'b@example.com' WHERE id = 1";
+    assert_eq!(outbox_rows_after(&db.pool, update).await, 1);
+}
+
+#[tokio::test]
+async fn the_id_column_can_be_named_and_bad_numbers_become_null() {
+    let db = TestDb::new().await;
+    exec(
+        &db.pool,
+        "CREATE TABLE members (member_no serial, imprint_uuid uuid, email text,
+                               account_tenure text);
+         CREATE TRIGGER members_to_imprint AFTER INSERT OR UPDATE ON members
+             FOR EACH ROW EXECUTE FUNCTION imprint_sync.enqueue_customer_change('imprint_uuid');
+         INSERT INTO members (imprint_uuid, email, account_tenure)
+         VALUES ('6f1c1e36-5a3c-4a0c-9d51-3b1f0a6d2e11', 'm@example.com', 'many years');",
+    )
+    .await;
+    let row: (String, Option<String>, Option<i32>) = sqlx::query_as(
+        "SELECT customer_id, email, account_tenure FROM imprint_sync.customer_outbox",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        row,
+        (
+            "6f1c1e36-5a3c-4a0c-9d51-3b1f0a6d2e11".to_owned(),
+            Some("m@example.com".to_owned()),
+            None
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_row_insert_notifies_once() {
+    let db = TestDb::new().await;
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen("imprint_sync_outbox").await.unwrap();
+
+    exec(
+        &db.pool,
+        "INSERT INTO imprint_sync.customer_outbox (customer_id)
+         SELECT 'c' || n FROM generate_series(1, 1000) AS n",
+    )
+    .await;
+    assert_eq!(outbox_count(&db.pool).await, 1000);
+
+    let first = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("no notification within 5 s")
+        .unwrap();
+    assert_eq!(first.channel(), "imprint_sync_outbox");
+    let second = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+    assert!(second.is_err(), "a second notification arrived: {second:?}");
+}
