@@ -105,7 +105,11 @@ fn one_of_kind(objects: &[(String, Value)], kind: &str) -> Value {
         .filter(|(_, o)| o.get("kind").and_then(Value::as_str) == Some(kind))
         .map(|(_, o)| o)
         .collect();
-    assert_eq!(found.len(), 1, "expected exactly one {kind} in the kustomization");
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind} in the kustomization"
+    );
     found[0].clone()
 }
 
@@ -133,8 +137,16 @@ fn parse_cli(args: &[String]) -> Cli {
 fn assert_container_hardened(c: &Value) {
     let name = s(c, "name");
     let sc = at(c, "securityContext");
-    assert_eq!(at(sc, "runAsNonRoot").as_bool(), Some(true), "{name}: runAsNonRoot");
-    assert_eq!(at(sc, "runAsUser").as_i64(), Some(65532), "{name}: runAsUser");
+    assert_eq!(
+        at(sc, "runAsNonRoot").as_bool(),
+        Some(true),
+        "{name}: runAsNonRoot"
+    );
+    assert_eq!(
+        at(sc, "runAsUser").as_i64(),
+        Some(65532),
+        "{name}: runAsUser"
+    );
     assert_eq!(
         at(sc, "readOnlyRootFilesystem").as_bool(),
         Some(true),
@@ -145,7 +157,11 @@ fn assert_container_hardened(c: &Value) {
         Some(false),
         "{name}: allowPrivilegeEscalation"
     );
-    assert_eq!(strings(sc, "capabilities.drop"), ["ALL"], "{name}: drop ALL");
+    assert_eq!(
+        strings(sc, "capabilities.drop"),
+        ["ALL"],
+        "{name}: drop ALL"
+    );
     assert!(
         sc.get("capabilities").and_then(|c| c.get("add")).is_none(),
         "{name}: no capability added"
@@ -154,10 +170,7 @@ fn assert_container_hardened(c: &Value) {
     for kind in ["requests", "limits"] {
         for res in ["cpu", "memory"] {
             let path = format!("resources.{kind}.{res}");
-            assert!(
-                !s_or_num(c, &path).is_empty(),
-                "{name}: {path} must be set"
-            );
+            assert!(!s_or_num(c, &path).is_empty(), "{name}: {path} must be set");
         }
     }
 }
@@ -176,14 +189,22 @@ fn assert_pod_hardened(pod: &Value) {
     assert_eq!(at(sc, "runAsNonRoot").as_bool(), Some(true));
     assert_eq!(at(sc, "runAsUser").as_i64(), Some(65532));
     assert_eq!(s(sc, "seccompProfile.type"), "RuntimeDefault");
-    assert_eq!(at(pod, "automountServiceAccountToken").as_bool(), Some(false));
+    assert_eq!(
+        at(pod, "automountServiceAccountToken").as_bool(),
+        Some(false)
+    );
     assert!(pod.get("hostNetwork").is_none() && pod.get("hostPID").is_none());
 }
 
 /// The env entries of a container by name: a literal value, or the `secret/key` it comes from.
 fn env_of(c: &Value) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for e in c.get("env").and_then(Value::as_sequence).into_iter().flatten() {
+    for e in c
+        .get("env")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
         let name = s(e, "name").to_owned();
         let value = if let Some(v) = e.get("value") {
             v.as_str().expect("env value is a string").to_owned()
@@ -194,7 +215,10 @@ fn env_of(c: &Value) -> BTreeMap<String, String> {
                 s(e, "valueFrom.secretKeyRef.key")
             )
         };
-        assert!(out.insert(name.clone(), value).is_none(), "{name} set twice");
+        assert!(
+            out.insert(name.clone(), value).is_none(),
+            "{name} set twice"
+        );
     }
     out
 }
@@ -223,7 +247,12 @@ fn example_secret() -> (String, BTreeMap<String, String>) {
         .as_mapping()
         .expect("stringData")
         .iter()
-        .map(|(k, v)| (k.as_str().unwrap().to_owned(), v.as_str().unwrap().to_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     (s(&secret, "metadata.name").to_owned(), data)
 }
@@ -295,10 +324,19 @@ fn kustomization_lists_existing_files_and_keeps_secrets_and_jobs_out() {
     assert!(!k.resources.is_empty());
     for file in &k.resources {
         let path = repo(&format!("{K8S}/{file}"));
-        assert!(path.is_file(), "kustomization.yaml lists {file}, which does not exist");
+        assert!(
+            path.is_file(),
+            "kustomization.yaml lists {file}, which does not exist"
+        );
         for doc in yaml_docs(&format!("{K8S}/{file}")) {
-            assert!(doc.get("apiVersion").and_then(Value::as_str).is_some(), "{file}: apiVersion");
-            assert!(doc.get("kind").and_then(Value::as_str).is_some(), "{file}: kind");
+            assert!(
+                doc.get("apiVersion").and_then(Value::as_str).is_some(),
+                "{file}: apiVersion"
+            );
+            assert!(
+                doc.get("kind").and_then(Value::as_str).is_some(),
+                "{file}: kind"
+            );
             assert!(
                 doc.get("metadata").and_then(|m| m.get("name")).is_some(),
                 "{file}: metadata.name"
@@ -308,19 +346,32 @@ fn kustomization_lists_existing_files_and_keeps_secrets_and_jobs_out() {
     // Applying the kustomization must never overwrite real credentials with placeholders,
     // and must never hold an immutable Job template.
     for kept_out in ["secret.example.yaml", "replay-failed-job.yaml"] {
-        assert!(repo(&format!("{K8S}/{kept_out}")).is_file(), "{kept_out} exists");
-        assert!(!k.resources.iter().any(|r| r == kept_out), "{kept_out} is not a resource");
+        assert!(
+            repo(&format!("{K8S}/{kept_out}")).is_file(),
+            "{kept_out} exists"
+        );
+        assert!(
+            !k.resources.iter().any(|r| r == kept_out),
+            "{kept_out} is not a resource"
+        );
     }
     let objects = deployed_objects();
     for (file, o) in &objects {
-        assert_ne!(s(o, "kind"), "Secret", "{file}: no Secret in the applied set");
+        assert_ne!(
+            s(o, "kind"),
+            "Secret",
+            "{file}: no Secret in the applied set"
+        );
         assert_ne!(s(o, "kind"), "Job", "{file}: no Job in the applied set");
     }
     // Every YAML file of the directory parses and is either listed or one of the two above.
     for entry in std::fs::read_dir(repo(K8S)).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         if name.ends_with(".yaml") || name.ends_with(".yml") {
-            assert!(!yaml_docs(&format!("{K8S}/{name}")).is_empty(), "{name} is empty");
+            assert!(
+                !yaml_docs(&format!("{K8S}/{name}")).is_empty(),
+                "{name} is empty"
+            );
             assert!(
                 name == "kustomization.yaml"
                     || k.resources.contains(&name)
@@ -346,7 +397,11 @@ fn deployment_runs_two_hardened_probed_replicas() {
     let c = &containers[0];
     assert_container_hardened(c);
     let (image_name, _) = pinned_image(&k.kustomization);
-    assert_eq!(s(c, "image"), image_name, "the image is set by the kustomization");
+    assert_eq!(
+        s(c, "image"),
+        image_name,
+        "the image is set by the kustomization"
+    );
 
     // The command: `--config <file> run`, as the daemon's own parser reads it.
     let cli = parse_cli(&strings(c, "args"));
@@ -390,7 +445,10 @@ fn deployment_runs_two_hardened_probed_replicas() {
     assert_eq!(s(volume(pod, "api-key"), "secret.secretName"), secret_name);
     let key_file = &env["IMPRINT_SYNC__API__KEY_FILE"];
     assert!(key_file.starts_with(mount_path(c, "api-key")));
-    assert!(!env.contains_key("IMPRINT_SYNC__API__KEY"), "the key is a file, not an env value");
+    assert!(
+        !env.contains_key("IMPRINT_SYNC__API__KEY"),
+        "the key is a file, not an env value"
+    );
     assert!(secret.contains_key("api-key"));
 
     // The configuration the pod would load is valid, has a key, and the grace fits.
@@ -401,7 +459,10 @@ fn deployment_runs_two_hardened_probed_replicas() {
         .expect("the pod's configuration has an API key");
     assert_eq!(settings.admin.listen, "0.0.0.0:9187");
     let grace_s = at(pod, "terminationGracePeriodSeconds").as_i64().unwrap();
-    assert!(grace_s > 10, "terminationGracePeriodSeconds {grace_s} must exceed 10");
+    assert!(
+        grace_s > 10,
+        "terminationGracePeriodSeconds {grace_s} must exceed 10"
+    );
     assert!(
         (grace_s as u64) * 1000 > settings.sync.shutdown_grace_ms + 5_000,
         "terminationGracePeriodSeconds ({grace_s}s) must exceed sync.shutdown_grace_ms ({} ms) with room to spare",
@@ -421,7 +482,11 @@ fn deployment_migrates_first_with_the_migrator_role() {
     let args = strings(init, "args");
     assert!(args.contains(&"migrate".to_owned()), "{args:?}");
     assert!(matches!(parse_cli(&args).command, Cmd::Migrate));
-    assert_eq!(s(init, "image"), s(at(pod, "containers.0"), "image"), "same image");
+    assert_eq!(
+        s(init, "image"),
+        s(at(pod, "containers.0"), "image"),
+        "same image"
+    );
 
     let (secret_name, _) = example_secret();
     let env = env_of(init);
@@ -442,7 +507,9 @@ fn deployment_migrates_first_with_the_migrator_role() {
 fn pdb_and_service_select_the_daemon_pods() {
     let objects = deployed_objects();
     let d = one_of_kind(&objects, "Deployment");
-    let pod_labels = at(&d, "spec.template.metadata.labels").as_mapping().unwrap();
+    let pod_labels = at(&d, "spec.template.metadata.labels")
+        .as_mapping()
+        .unwrap();
     let selects = |selector: &Value| {
         let sel = selector.as_mapping().expect("a selector");
         assert!(!sel.is_empty());
@@ -453,7 +520,10 @@ fn pdb_and_service_select_the_daemon_pods() {
     let pdb = one_of_kind(&objects, "PodDisruptionBudget");
     assert_eq!(s(&pdb, "apiVersion"), "policy/v1");
     assert_eq!(at(&pdb, "spec.minAvailable").as_i64(), Some(1));
-    assert!(selects(at(&pdb, "spec.selector.matchLabels")), "the PDB covers the pods");
+    assert!(
+        selects(at(&pdb, "spec.selector.matchLabels")),
+        "the PDB covers the pods"
+    );
     assert!(
         at(&pdb, "spec.minAvailable").as_i64() < at(&d, "spec.replicas").as_i64(),
         "a drain must be able to evict one replica"
@@ -474,7 +544,11 @@ fn replay_job_replays_once_with_the_pinned_image() {
         !s(&job, "metadata.generateName").is_empty(),
         "generateName, so `kubectl create` makes a fresh Job each time"
     );
-    assert_eq!(at(&job, "spec.backoffLimit").as_i64(), Some(0), "never replay twice");
+    assert_eq!(
+        at(&job, "spec.backoffLimit").as_i64(),
+        Some(0),
+        "never replay twice"
+    );
     let pod = at(&job, "spec.template.spec");
     assert_eq!(s(pod, "restartPolicy"), "Never");
     assert_pod_hardened(pod);
@@ -482,19 +556,29 @@ fn replay_job_replays_once_with_the_pinned_image() {
     assert_container_hardened(c);
 
     let args = strings(c, "args");
-    let tail: Vec<&str> = args.iter().map(String::as_str).skip_while(|a| *a != "run").collect();
+    let tail: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .skip_while(|a| *a != "run")
+        .collect();
     assert_eq!(tail, ["run", "--replay-failed", "--once"]);
     match parse_cli(&args).command {
         Cmd::Run(run) => assert!(run.replay_failed && run.once && !run.dry_run),
         other => panic!("the Job must run `run --replay-failed --once`, not {other:?}"),
     }
     let (_, pinned) = pinned_image(&k.kustomization);
-    assert_eq!(s(c, "image"), pinned, "keep the Job's image in step with kustomization.yaml");
+    assert_eq!(
+        s(c, "image"),
+        pinned,
+        "keep the Job's image in step with kustomization.yaml"
+    );
 
     // Replaying sends requests: the same config, key file and daemon role as the Deployment.
     let configmap = one_of_kind(&deployed_objects(), "ConfigMap");
     let settings = load_pod_config(&configmap, pod, c);
-    settings.require(Needs::ApiKey).expect("the Job has an API key");
+    settings
+        .require(Needs::ApiKey)
+        .expect("the Job has an API key");
     assert!(settings.database.url.contains("imprint_sync_daemon"));
     // Not selected by the PDB or the Service (it is not a daemon replica).
     let component = at(&job, "spec.template.metadata.labels")
@@ -509,7 +593,10 @@ fn example_secret_is_visibly_a_placeholder() {
     let keys: Vec<&str> = secret.keys().map(String::as_str).collect();
     assert_eq!(keys, ["api-key", "database-url", "migrator-database-url"]);
     for (k, v) in &secret {
-        assert!(v.contains("REPLACE-ME"), "{k} must be an obvious placeholder");
+        assert!(
+            v.contains("REPLACE-ME"),
+            "{k} must be an obvious placeholder"
+        );
     }
     assert!(read(&format!("{K8S}/secret.example.yaml")).contains("EXAMPLE ONLY"));
 }
@@ -532,7 +619,11 @@ fn kustomize_renders_where_kubectl_exists() {
     );
     let (_, pinned) = pinned_image(&kustomization().kustomization);
     // The init container and the daemon both get the pinned image.
-    assert_eq!(stdout.matches(&format!("image: {pinned}")).count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.matches(&format!("image: {pinned}")).count(),
+        2,
+        "{stdout}"
+    );
     let rendered: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
         .map(|d| Value::deserialize(d).unwrap())
         .collect();
@@ -583,7 +674,9 @@ fn seconds(v: &str) -> u64 {
     if let Some(n) = v.strip_suffix("min") {
         n.parse::<u64>().unwrap() * 60
     } else {
-        v.trim_end_matches('s').parse().unwrap_or_else(|_| panic!("not seconds: {v}"))
+        v.trim_end_matches('s')
+            .parse()
+            .unwrap_or_else(|_| panic!("not seconds: {v}"))
     }
 }
 
@@ -594,7 +687,9 @@ fn env_file(rel: &str) -> Vec<(String, String)> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{rel}: not KEY=VALUE: {l}"));
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{rel}: not KEY=VALUE: {l}"));
             (k.to_owned(), v.to_owned())
         })
         .collect()
@@ -610,15 +705,24 @@ fn systemd_unit_notifies_restarts_sanely_and_is_hardened() {
     assert!(seconds(&v("WatchdogSec")) > 0);
     assert_eq!(v("Restart"), "on-failure");
     assert!(
-        v("RestartPreventExitStatus").split_whitespace().any(|c| c == "64"),
+        v("RestartPreventExitStatus")
+            .split_whitespace()
+            .any(|c| c == "64"),
         "exit 64 (bad configuration) must not be restarted"
     );
     assert_eq!(v("EnvironmentFile"), "/etc/imprint-sync/env");
 
     let start = v("ExecStart");
-    let start_args: Vec<String> = start.split_whitespace().skip(1).map(str::to_owned).collect();
+    let start_args: Vec<String> = start
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
     assert!(start.starts_with("/usr/local/bin/imprint-sync "), "{start}");
-    assert!(matches!(parse_cli(&start_args).command, Cmd::Run(_)), "{start}");
+    assert!(
+        matches!(parse_cli(&start_args).command, Cmd::Run(_)),
+        "{start}"
+    );
     let pre = v("ExecStartPre");
     let pre_args: Vec<String> = pre
         .split_whitespace()
@@ -626,7 +730,10 @@ fn systemd_unit_notifies_restarts_sanely_and_is_hardened() {
         .skip(1)
         .map(str::to_owned)
         .collect();
-    assert!(matches!(parse_cli(&pre_args).command, Cmd::Migrate), "{pre}");
+    assert!(
+        matches!(parse_cli(&pre_args).command, Cmd::Migrate),
+        "{pre}"
+    );
     assert_eq!(
         parse_cli(&pre_args).config,
         parse_cli(&start_args).config,
@@ -635,16 +742,28 @@ fn systemd_unit_notifies_restarts_sanely_and_is_hardened() {
 
     // Every ${VAR} the unit expands is defined by the example environment file.
     let env = env_file("deploy/systemd/env.example");
-    for line in read(UNIT).lines().filter(|l| !l.trim_start().starts_with('#')) {
-        for var in line.split("${").skip(1).map(|r| r.split('}').next().unwrap()) {
-            assert!(env.iter().any(|(k, _)| k == var), "${{{var}}} is not in env.example");
+    for line in read(UNIT)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+    {
+        for var in line
+            .split("${")
+            .skip(1)
+            .map(|r| r.split('}').next().unwrap())
+        {
+            assert!(
+                env.iter().any(|(k, _)| k == var),
+                "${{{var}}} is not in env.example"
+            );
         }
     }
 
     // The grace: TimeoutStopSec above sync.shutdown_grace_ms of the example configuration.
     let settings = Settings::load_from(Some(&repo("deploy/systemd/config.toml.example")), env)
         .unwrap_or_else(|e| panic!("config.toml.example with env.example does not load: {e}"));
-    settings.require(Needs::ApiKey).expect("env.example has a key");
+    settings
+        .require(Needs::ApiKey)
+        .expect("env.example has a key");
     let stop_ms = seconds(&v("TimeoutStopSec")) * 1000;
     assert!(
         stop_ms > settings.sync.shutdown_grace_ms + 5_000,
@@ -742,7 +861,11 @@ fn systemd_analyze_security_rates_the_unit_ok() {
     let dir = tempfile::tempdir().unwrap();
     let unit = dir.path().join("imprint-sync.service");
     let bin = env!("CARGO_BIN_EXE_imprint-sync");
-    std::fs::write(&unit, read(UNIT).replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+    std::fs::write(
+        &unit,
+        read(UNIT).replace("/usr/local/bin/imprint-sync", bin),
+    )
+    .unwrap();
     // Exposure on systemd's 0–100 scale (its 0.0–10.0 shown times ten); 20 is "OK".
     let out = match Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--threshold=20", "--no-pager"])
@@ -781,7 +904,11 @@ fn dockerfile_builds_locked_and_runs_nonroot_distroless() {
         .map(str::trim)
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .collect();
-    let from: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("FROM ")).collect();
+    let from: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
     assert_eq!(from.len(), 2, "two stages: {from:?}");
     assert!(from[0].starts_with("FROM rust:1-bookworm AS "));
     assert_eq!(from[1], "FROM gcr.io/distroless/cc-debian12:nonroot");
@@ -789,8 +916,11 @@ fn dockerfile_builds_locked_and_runs_nonroot_distroless() {
     assert!(lines.contains(&"USER 65532:65532") || lines.contains(&"USER 65532"));
     assert!(lines.contains(&r#"ENTRYPOINT ["imprint-sync"]"#));
     assert!(lines.contains(&r#"CMD ["run"]"#));
-    assert!(lines.iter().any(|l| l.starts_with("COPY --from=")
-        && l.ends_with(" /usr/local/bin/imprint-sync")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("COPY --from=") && l.ends_with(" /usr/local/bin/imprint-sync"))
+    );
     // The shipped defaults are found where the binary looks: ./config/default.toml.
     let workdir = lines
         .iter()
@@ -799,9 +929,9 @@ fn dockerfile_builds_locked_and_runs_nonroot_distroless() {
         .expect("a WORKDIR in the runtime stage");
     let expected = format!(" {workdir}/config/default.toml");
     assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with("COPY") && l.contains("config/default.toml") && l.ends_with(&expected)),
+        lines.iter().any(|l| l.starts_with("COPY")
+            && l.contains("config/default.toml")
+            && l.ends_with(&expected)),
         "config/default.toml must be copied to {workdir}/config/default.toml"
     );
 
@@ -815,8 +945,9 @@ fn dockerfile_builds_locked_and_runs_nonroot_distroless() {
     assert!(patterns.contains(&"target/") && patterns.contains(&".git/"));
     for needed in ["src", "migrations", "config", "Cargo.toml", "Cargo.lock"] {
         assert!(
-            !patterns.iter().any(|p| p.trim_end_matches('/') == needed
-                || p.trim_end_matches("/**") == needed),
+            !patterns
+                .iter()
+                .any(|p| p.trim_end_matches('/') == needed || p.trim_end_matches("/**") == needed),
             ".dockerignore must not exclude {needed}"
         );
     }
@@ -875,8 +1006,10 @@ mod roles {
                 .acquire_timeout(Duration::from_secs(10))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
-                        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {role}"))))
-                            .await?;
+                        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                            "SET ROLE {role}"
+                        ))))
+                        .await?;
                         Ok(())
                     })
                 })
@@ -898,7 +1031,8 @@ mod roles {
                 rt.block_on(async move {
                     if let Ok(mut conn) = admin.connect().await {
                         let drop = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
-                        if let Err(e) = conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(drop))).await {
+                        if let Err(e) = conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(drop))).await
+                        {
                             eprintln!("warning: could not drop {name}: {e}");
                         }
                     }
@@ -912,9 +1046,11 @@ mod roles {
     /// Runs one statement as `role` on a fresh connection.
     async fn as_role(scratch: &Scratch, role: &str, sql: &str) -> Result<(), sqlx::Error> {
         let mut conn: PgConnection = scratch.opts.connect().await.expect("connect");
-        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {role}"))))
-            .await
-            .expect("SET ROLE");
+        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET ROLE {role}"
+        ))))
+        .await
+        .expect("SET ROLE");
         let result = conn
             .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())))
             .await
@@ -939,9 +1075,11 @@ mod roles {
     }
 
     async fn run_roles_sql(pool: &PgPool) {
-        pool.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(read("deploy/sql/roles.sql"))))
-            .await
-            .unwrap_or_else(|e| panic!("deploy/sql/roles.sql failed: {e}"));
+        pool.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(read(
+            "deploy/sql/roles.sql",
+        ))))
+        .await
+        .unwrap_or_else(|e| panic!("deploy/sql/roles.sql failed: {e}"));
     }
 
     #[tokio::test]
@@ -971,7 +1109,10 @@ mod roles {
         .fetch_all(&superuser)
         .await
         .unwrap();
-        assert!(owners.iter().any(|(t, _)| t == "customer_outbox"), "{owners:?}");
+        assert!(
+            owners.iter().any(|(t, _)| t == "customer_outbox"),
+            "{owners:?}"
+        );
         for (table, owner) in &owners {
             assert_eq!(owner, "imprint_sync_migrator", "owner of {table}");
         }
@@ -991,8 +1132,18 @@ mod roles {
              VALUES ('BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 'a@example.com', '+14155550100')",
         )
         .await;
-        denied(&scratch, w, "SELECT count(*) FROM imprint_sync.customer_outbox").await;
-        denied(&scratch, w, "UPDATE imprint_sync.customer_outbox SET sync_status = 'synced'").await;
+        denied(
+            &scratch,
+            w,
+            "SELECT count(*) FROM imprint_sync.customer_outbox",
+        )
+        .await;
+        denied(
+            &scratch,
+            w,
+            "UPDATE imprint_sync.customer_outbox SET sync_status = 'synced'",
+        )
+        .await;
         denied(&scratch, w, "DELETE FROM imprint_sync.customer_outbox").await;
         denied(
             &scratch,
@@ -1000,7 +1151,12 @@ mod roles {
             "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('x') RETURNING id",
         )
         .await;
-        denied(&scratch, w, "SELECT * FROM imprint_sync.customer_sync_state").await;
+        denied(
+            &scratch,
+            w,
+            "SELECT * FROM imprint_sync.customer_sync_state",
+        )
+        .await;
         denied(
             &scratch,
             w,
@@ -1008,7 +1164,12 @@ mod roles {
              VALUES ('x', 1, now())",
         )
         .await;
-        denied(&scratch, w, "UPDATE imprint_sync.customer_sync_state SET drift = NULL").await;
+        denied(
+            &scratch,
+            w,
+            "UPDATE imprint_sync.customer_sync_state SET drift = NULL",
+        )
+        .await;
         denied(&scratch, w, "DELETE FROM imprint_sync.customer_sync_state").await;
         denied(&scratch, w, "SELECT * FROM imprint_sync.sync_attempts").await;
         denied(&scratch, w, "CREATE TABLE imprint_sync.intruder (x int)").await;
@@ -1043,7 +1204,10 @@ mod roles {
         .fetch_one(&superuser)
         .await
         .unwrap();
-        assert_eq!(enqueued, 2, "the trigger enqueued the insert and the update");
+        assert_eq!(
+            enqueued, 2,
+            "the trigger enqueued the insert and the update"
+        );
 
         // --- The daemon: rows of every table, no DDL. ---
         let daemon = scratch.pool_as("imprint_sync_daemon").await;
@@ -1081,12 +1245,22 @@ mod roles {
         .await;
         allowed(&scratch, d, "LISTEN imprint_sync_outbox").await;
         for table in &tables {
-            allowed(&scratch, d, &format!("SELECT count(*) FROM imprint_sync.{table}")).await;
+            allowed(
+                &scratch,
+                d,
+                &format!("SELECT count(*) FROM imprint_sync.{table}"),
+            )
+            .await;
         }
         denied(&scratch, d, "CREATE TABLE imprint_sync.intruder (x int)").await;
         denied(&scratch, d, "DROP TABLE imprint_sync.customer_outbox").await;
         denied(&scratch, d, "TRUNCATE imprint_sync.sync_attempts").await;
-        denied(&scratch, d, "ALTER TABLE imprint_sync.customer_outbox ADD COLUMN x int").await;
+        denied(
+            &scratch,
+            d,
+            "ALTER TABLE imprint_sync.customer_outbox ADD COLUMN x int",
+        )
+        .await;
         denied(&scratch, d, "SELECT * FROM public.partner_customers").await;
 
         // --- A table a later migration adds is covered by the default privileges. ---
@@ -1104,7 +1278,12 @@ mod roles {
              DELETE FROM imprint_sync.later_table;",
         )
         .await;
-        denied(&scratch, w, "INSERT INTO imprint_sync.later_table (note) VALUES ('x')").await;
+        denied(
+            &scratch,
+            w,
+            "INSERT INTO imprint_sync.later_table (note) VALUES ('x')",
+        )
+        .await;
 
         daemon.close().await;
         migrator.close().await;
