@@ -1,0 +1,1292 @@
+//! The deployment files: the Kubernetes manifests, the systemd unit, the Dockerfile and the
+//! least-privilege SQL. The manifests and the unit are parsed and checked field by field, the
+//! configuration they carry is loaded with the daemon's own loader and their command lines
+//! with its own parser; the unit goes through `systemd-analyze` where it exists; the SQL runs
+//! against a real PostgreSQL in a throwaway database.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::Parser;
+use imprint_sync::cli::{Cli, Command as Cmd};
+use imprint_sync::config::{Needs, Settings};
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes
+// ---------------------------------------------------------------------------------------
+
+const K8S: &str = "deploy/k8s";
+
+/// Every document of a (multi-document) YAML file; empty documents are skipped.
+fn yaml_docs(rel: &str) -> Vec<Value> {
+    let text = read(rel);
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{rel}: invalid YAML: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Walks a path of mapping keys and sequence indexes ("spec.template.spec.containers.0").
+fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    let mut cur = v;
+    for part in path.split('.') {
+        let next = match part.parse::<usize>() {
+            Ok(i) => cur.get(i),
+            Err(_) => cur.get(part),
+        };
+        cur = next.unwrap_or_else(|| panic!("missing `{path}` (at `{part}`) in {v:?}"));
+    }
+    cur
+}
+
+fn s<'a>(v: &'a Value, path: &str) -> &'a str {
+    at(v, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("`{path}` is not a string"))
+}
+
+fn seq<'a>(v: &'a Value, path: &str) -> &'a Vec<Value> {
+    at(v, path)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("`{path}` is not a list"))
+}
+
+fn strings(v: &Value, path: &str) -> Vec<String> {
+    seq(v, path)
+        .iter()
+        .map(|x| x.as_str().expect("a string").to_owned())
+        .collect()
+}
+
+/// The kustomization and the documents of every file it lists, by file name.
+struct Kustomize {
+    kustomization: Value,
+    resources: Vec<String>,
+}
+
+fn kustomization() -> Kustomize {
+    let docs = yaml_docs(&format!("{K8S}/kustomization.yaml"));
+    assert_eq!(docs.len(), 1, "kustomization.yaml holds one document");
+    let k = docs.into_iter().next().unwrap();
+    assert_eq!(s(&k, "kind"), "Kustomization");
+    let resources = strings(&k, "resources");
+    Kustomize {
+        kustomization: k,
+        resources,
+    }
+}
+
+/// All objects of the deployed set (the kustomization's resources), with the file they came from.
+fn deployed_objects() -> Vec<(String, Value)> {
+    let k = kustomization();
+    let mut out = Vec::new();
+    for file in &k.resources {
+        for doc in yaml_docs(&format!("{K8S}/{file}")) {
+            out.push((file.clone(), doc));
+        }
+    }
+    out
+}
+
+fn one_of_kind(objects: &[(String, Value)], kind: &str) -> Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|(_, o)| o.get("kind").and_then(Value::as_str) == Some(kind))
+        .map(|(_, o)| o)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind} in the kustomization"
+    );
+    found[0].clone()
+}
+
+fn only_doc(rel: &str) -> Value {
+    let docs = yaml_docs(rel);
+    assert_eq!(docs.len(), 1, "{rel} holds one document");
+    docs.into_iter().next().unwrap()
+}
+
+/// The image the kustomization pins: newName:newTag of its `images` entry.
+fn pinned_image(k: &Value) -> (String, String) {
+    let images = seq(k, "images");
+    assert_eq!(images.len(), 1, "one image entry");
+    let name = s(&images[0], "name").to_owned();
+    let full = format!("{}:{}", s(&images[0], "newName"), s(&images[0], "newTag"));
+    (name, full)
+}
+
+fn parse_cli(args: &[String]) -> Cli {
+    let argv = std::iter::once("imprint-sync".to_owned()).chain(args.iter().cloned());
+    Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("args {args:?} do not parse: {e}"))
+}
+
+/// The security context every container must carry, wherever it runs.
+fn assert_container_hardened(c: &Value) {
+    let name = s(c, "name");
+    let sc = at(c, "securityContext");
+    assert_eq!(
+        at(sc, "runAsNonRoot").as_bool(),
+        Some(true),
+        "{name}: runAsNonRoot"
+    );
+    assert_eq!(
+        at(sc, "runAsUser").as_i64(),
+        Some(65532),
+        "{name}: runAsUser"
+    );
+    assert_eq!(
+        at(sc, "readOnlyRootFilesystem").as_bool(),
+        Some(true),
+        "{name}: readOnlyRootFilesystem"
+    );
+    assert_eq!(
+        at(sc, "allowPrivilegeEscalation").as_bool(),
+        Some(false),
+        "{name}: allowPrivilegeEscalation"
+    );
+    assert_eq!(
+        strings(sc, "capabilities.drop"),
+        ["ALL"],
+        "{name}: drop ALL"
+    );
+    assert!(
+        sc.get("capabilities").and_then(|c| c.get("add")).is_none(),
+        "{name}: no capability added"
+    );
+    assert_eq!(s(sc, "seccompProfile.type"), "RuntimeDefault", "{name}");
+    for kind in ["requests", "limits"] {
+        for res in ["cpu", "memory"] {
+            let path = format!("resources.{kind}.{res}");
+            assert!(!s_or_num(c, &path).is_empty(), "{name}: {path} must be set");
+        }
+    }
+}
+
+/// A quantity that YAML may have read as a number ("1") or a string ("256Mi").
+fn s_or_num(v: &Value, path: &str) -> String {
+    match at(v, path) {
+        Value::String(x) => x.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("`{path}` is neither a string nor a number: {other:?}"),
+    }
+}
+
+fn assert_pod_hardened(pod: &Value) {
+    let sc = at(pod, "securityContext");
+    assert_eq!(at(sc, "runAsNonRoot").as_bool(), Some(true));
+    assert_eq!(at(sc, "runAsUser").as_i64(), Some(65532));
+    assert_eq!(s(sc, "seccompProfile.type"), "RuntimeDefault");
+    assert_eq!(
+        at(pod, "automountServiceAccountToken").as_bool(),
+        Some(false)
+    );
+    assert!(pod.get("hostNetwork").is_none() && pod.get("hostPID").is_none());
+}
+
+/// The env entries of a container by name: a literal value, or the `secret/key` it comes from.
+fn env_of(c: &Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in c
+        .get("env")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let name = s(e, "name").to_owned();
+        let value = if let Some(v) = e.get("value") {
+            v.as_str().expect("env value is a string").to_owned()
+        } else {
+            format!(
+                "secret:{}/{}",
+                s(e, "valueFrom.secretKeyRef.name"),
+                s(e, "valueFrom.secretKeyRef.key")
+            )
+        };
+        assert!(
+            out.insert(name.clone(), value).is_none(),
+            "{name} set twice"
+        );
+    }
+    out
+}
+
+/// The mount path of the named volume in a container.
+fn mount_path<'a>(c: &'a Value, volume: &str) -> &'a str {
+    seq(c, "volumeMounts")
+        .iter()
+        .find(|m| s(m, "name") == volume)
+        .map(|m| s(m, "mountPath"))
+        .unwrap_or_else(|| panic!("{}: no mount of volume {volume}", s(c, "name")))
+}
+
+fn volume<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    seq(pod, "volumes")
+        .iter()
+        .find(|v| s(v, "name") == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// The example Secret's values by key.
+fn example_secret() -> (String, BTreeMap<String, String>) {
+    let secret = only_doc(&format!("{K8S}/secret.example.yaml"));
+    assert_eq!(s(&secret, "kind"), "Secret");
+    let data = at(&secret, "stringData")
+        .as_mapping()
+        .expect("stringData")
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (s(&secret, "metadata.name").to_owned(), data)
+}
+
+/// Loads the ConfigMap's config.toml the way a container would: its --config argument and
+/// its environment, with the secrets taken from the example Secret.
+fn load_pod_config(configmap: &Value, pod: &Value, container: &Value) -> Settings {
+    let dir = tempfile::tempdir().unwrap();
+    let cm_name = s(configmap, "metadata.name");
+    assert_eq!(
+        s(volume(pod, "config"), "configMap.name"),
+        cm_name,
+        "the config volume mounts the ConfigMap"
+    );
+    let args = strings(container, "args");
+    let cli = parse_cli(&args);
+    let config_arg = cli.config.clone().expect("--config is given");
+    let mount = mount_path(container, "config");
+    let file_name = config_arg
+        .strip_prefix(mount)
+        .unwrap_or_else(|_| panic!("--config {config_arg:?} is not under the mount {mount}"));
+    let key = file_name.to_str().unwrap();
+    let config_file = dir.path().join("config.toml");
+    let content = at(configmap, "data")
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("the ConfigMap has no data key {key}"));
+    std::fs::write(&config_file, content).unwrap();
+
+    let (secret_name, secret) = example_secret();
+    let mut env = Vec::new();
+    for (name, value) in env_of(container) {
+        let value = match value.strip_prefix("secret:") {
+            Some(reference) => {
+                let (sname, skey) = reference.split_once('/').unwrap();
+                assert_eq!(sname, secret_name, "{name} reads the Secret {secret_name}");
+                secret
+                    .get(skey)
+                    .unwrap_or_else(|| panic!("{name}: key {skey} is not in the example Secret"))
+                    .clone()
+            }
+            None => value,
+        };
+        if name == "IMPRINT_SYNC__API__KEY_FILE" {
+            // The secret volume, written where the container would see it.
+            let mount = mount_path(container, "api-key");
+            let rel = Path::new(&value)
+                .strip_prefix(mount)
+                .unwrap_or_else(|_| panic!("api.key_file {value} is not under {mount}"));
+            let items = seq(volume(pod, "api-key"), "secret.items");
+            let item = items
+                .iter()
+                .find(|i| Path::new(s(i, "path")) == rel)
+                .expect("the key file is one of the secret volume's items");
+            let local = dir.path().join("api-key");
+            std::fs::write(&local, &secret[s(item, "key")]).unwrap();
+            env.push((name, local.to_str().unwrap().to_owned()));
+        } else {
+            env.push((name, value));
+        }
+    }
+    Settings::load_from(Some(&config_file), env)
+        .unwrap_or_else(|e| panic!("the pod's configuration does not load: {e}"))
+}
+
+#[test]
+fn kustomization_lists_existing_files_and_keeps_secrets_and_jobs_out() {
+    let k = kustomization();
+    assert!(!k.resources.is_empty());
+    for file in &k.resources {
+        let path = repo(&format!("{K8S}/{file}"));
+        assert!(
+            path.is_file(),
+            "kustomization.yaml lists {file}, which does not exist"
+        );
+        for doc in yaml_docs(&format!("{K8S}/{file}")) {
+            assert!(
+                doc.get("apiVersion").and_then(Value::as_str).is_some(),
+                "{file}: apiVersion"
+            );
+            assert!(
+                doc.get("kind").and_then(Value::as_str).is_some(),
+                "{file}: kind"
+            );
+            assert!(
+                doc.get("metadata").and_then(|m| m.get("name")).is_some(),
+                "{file}: metadata.name"
+            );
+        }
+    }
+    // Applying the kustomization must never overwrite real credentials with placeholders,
+    // and must never hold an immutable Job template.
+    for kept_out in ["secret.example.yaml", "replay-failed-job.yaml"] {
+        assert!(
+            repo(&format!("{K8S}/{kept_out}")).is_file(),
+            "{kept_out} exists"
+        );
+        assert!(
+            !k.resources.iter().any(|r| r == kept_out),
+            "{kept_out} is not a resource"
+        );
+    }
+    let objects = deployed_objects();
+    for (file, o) in &objects {
+        assert_ne!(
+            s(o, "kind"),
+            "Secret",
+            "{file}: no Secret in the applied set"
+        );
+        assert_ne!(s(o, "kind"), "Job", "{file}: no Job in the applied set");
+    }
+    // Every YAML file of the directory parses and is either listed or one of the two above.
+    for entry in std::fs::read_dir(repo(K8S)).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".yaml") || name.ends_with(".yml") {
+            assert!(
+                !yaml_docs(&format!("{K8S}/{name}")).is_empty(),
+                "{name} is empty"
+            );
+            assert!(
+                name == "kustomization.yaml"
+                    || k.resources.contains(&name)
+                    || ["secret.example.yaml", "replay-failed-job.yaml"].contains(&name.as_str()),
+                "{name} is neither listed in kustomization.yaml nor documented as kept out"
+            );
+        }
+    }
+}
+
+#[test]
+fn deployment_runs_two_hardened_probed_replicas() {
+    let objects = deployed_objects();
+    let k = kustomization();
+    let d = one_of_kind(&objects, "Deployment");
+    assert_eq!(s(&d, "apiVersion"), "apps/v1");
+    assert_eq!(at(&d, "spec.replicas").as_i64(), Some(2));
+    let pod = at(&d, "spec.template.spec");
+    assert_pod_hardened(pod);
+
+    let containers = seq(pod, "containers");
+    assert_eq!(containers.len(), 1, "one container");
+    let c = &containers[0];
+    assert_container_hardened(c);
+    let (image_name, _) = pinned_image(&k.kustomization);
+    assert_eq!(
+        s(c, "image"),
+        image_name,
+        "the image is set by the kustomization"
+    );
+
+    // The command: `--config <file> run`, as the daemon's own parser reads it.
+    let cli = parse_cli(&strings(c, "args"));
+    match cli.command {
+        Cmd::Run(run) => assert!(!run.once && !run.replay_failed && !run.dry_run),
+        other => panic!("the container must run the daemon, not {other:?}"),
+    }
+
+    // The admin port, named, and the probes on it.
+    let ports = seq(c, "ports");
+    let admin = ports
+        .iter()
+        .find(|p| s(p, "name") == "admin")
+        .expect("a port named admin");
+    assert_eq!(at(admin, "containerPort").as_i64(), Some(9187));
+    assert_eq!(s(at(c, "readinessProbe"), "httpGet.path"), "/readyz");
+    assert_eq!(s(at(c, "livenessProbe"), "httpGet.path"), "/livez");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(s(at(c, probe), "httpGet.port"), "admin", "{probe} port");
+    }
+    let env = env_of(c);
+    assert_eq!(
+        env.get("IMPRINT_SYNC__ADMIN__LISTEN").map(String::as_str),
+        Some("0.0.0.0:9187"),
+        "the admin server must listen beyond loopback for the probes"
+    );
+
+    // Prometheus scrape annotations point at the admin port.
+    let ann = at(&d, "spec.template.metadata.annotations");
+    let annotation = |key: &str| ann.get(key).and_then(Value::as_str).unwrap_or_default();
+    assert_eq!(annotation("prometheus.io/scrape"), "true");
+    assert_eq!(annotation("prometheus.io/port"), "9187");
+    assert_eq!(annotation("prometheus.io/path"), "/metrics");
+
+    // Secrets: DATABASE_URL by secretKeyRef, the API key as a mounted file for api.key_file.
+    let (secret_name, secret) = example_secret();
+    assert_eq!(
+        env.get("DATABASE_URL").map(String::as_str),
+        Some(format!("secret:{secret_name}/database-url").as_str())
+    );
+    assert_eq!(s(volume(pod, "api-key"), "secret.secretName"), secret_name);
+    let key_file = &env["IMPRINT_SYNC__API__KEY_FILE"];
+    assert!(key_file.starts_with(mount_path(c, "api-key")));
+    assert!(
+        !env.contains_key("IMPRINT_SYNC__API__KEY"),
+        "the key is a file, not an env value"
+    );
+    assert!(secret.contains_key("api-key"));
+
+    // The configuration the pod would load is valid, has a key, and the grace fits.
+    let configmap = one_of_kind(&objects, "ConfigMap");
+    let settings = load_pod_config(&configmap, pod, c);
+    settings
+        .require(Needs::ApiKey)
+        .expect("the pod's configuration has an API key");
+    assert_eq!(settings.admin.listen, "0.0.0.0:9187");
+    let grace_s = at(pod, "terminationGracePeriodSeconds").as_i64().unwrap();
+    assert!(
+        grace_s > 10,
+        "terminationGracePeriodSeconds {grace_s} must exceed 10"
+    );
+    assert!(
+        (grace_s as u64) * 1000 > settings.sync.shutdown_grace_ms + 5_000,
+        "terminationGracePeriodSeconds ({grace_s}s) must exceed sync.shutdown_grace_ms ({} ms) with room to spare",
+        settings.sync.shutdown_grace_ms
+    );
+}
+
+#[test]
+fn deployment_migrates_first_with_the_migrator_role() {
+    let objects = deployed_objects();
+    let d = one_of_kind(&objects, "Deployment");
+    let pod = at(&d, "spec.template.spec");
+    let inits = seq(pod, "initContainers");
+    assert_eq!(inits.len(), 1);
+    let init = &inits[0];
+    assert_container_hardened(init);
+    let args = strings(init, "args");
+    assert!(args.contains(&"migrate".to_owned()), "{args:?}");
+    assert!(matches!(parse_cli(&args).command, Cmd::Migrate));
+    assert_eq!(
+        s(init, "image"),
+        s(at(pod, "containers.0"), "image"),
+        "same image"
+    );
+
+    let (secret_name, _) = example_secret();
+    let env = env_of(init);
+    assert_eq!(
+        env.get("DATABASE_URL").map(String::as_str),
+        Some(format!("secret:{secret_name}/migrator-database-url").as_str()),
+        "migrations run as the schema owner, not as the daemon"
+    );
+    // migrate sends nothing: the init container neither gets nor needs the API key.
+    assert!(!env.keys().any(|k| k.starts_with("IMPRINT_SYNC__API__KEY")));
+    let configmap = one_of_kind(&objects, "ConfigMap");
+    let settings = load_pod_config(&configmap, pod, init);
+    assert!(settings.api.key.is_none());
+    assert!(settings.database.url.contains("imprint_sync_migrator"));
+}
+
+#[test]
+fn pdb_and_service_select_the_daemon_pods() {
+    let objects = deployed_objects();
+    let d = one_of_kind(&objects, "Deployment");
+    let pod_labels = at(&d, "spec.template.metadata.labels")
+        .as_mapping()
+        .unwrap();
+    let selects = |selector: &Value| {
+        let sel = selector.as_mapping().expect("a selector");
+        assert!(!sel.is_empty());
+        sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+    assert!(selects(at(&d, "spec.selector.matchLabels")));
+
+    let pdb = one_of_kind(&objects, "PodDisruptionBudget");
+    assert_eq!(s(&pdb, "apiVersion"), "policy/v1");
+    assert_eq!(at(&pdb, "spec.minAvailable").as_i64(), Some(1));
+    assert!(
+        selects(at(&pdb, "spec.selector.matchLabels")),
+        "the PDB covers the pods"
+    );
+    assert!(
+        at(&pdb, "spec.minAvailable").as_i64() < at(&d, "spec.replicas").as_i64(),
+        "a drain must be able to evict one replica"
+    );
+
+    let svc = one_of_kind(&objects, "Service");
+    assert!(selects(at(&svc, "spec.selector")));
+    assert_eq!(s(at(&svc, "spec.ports.0"), "targetPort"), "admin");
+}
+
+#[test]
+fn replay_job_replays_once_with_the_pinned_image() {
+    let k = kustomization();
+    let job = only_doc(&format!("{K8S}/replay-failed-job.yaml"));
+    assert_eq!(s(&job, "kind"), "Job");
+    assert_eq!(s(&job, "apiVersion"), "batch/v1");
+    assert!(
+        !s(&job, "metadata.generateName").is_empty(),
+        "generateName, so `kubectl create` makes a fresh Job each time"
+    );
+    assert_eq!(
+        at(&job, "spec.backoffLimit").as_i64(),
+        Some(0),
+        "never replay twice"
+    );
+    let pod = at(&job, "spec.template.spec");
+    assert_eq!(s(pod, "restartPolicy"), "Never");
+    assert_pod_hardened(pod);
+    let c = &seq(pod, "containers")[0];
+    assert_container_hardened(c);
+
+    let args = strings(c, "args");
+    let tail: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .skip_while(|a| *a != "run")
+        .collect();
+    assert_eq!(tail, ["run", "--replay-failed", "--once"]);
+    match parse_cli(&args).command {
+        Cmd::Run(run) => assert!(run.replay_failed && run.once && !run.dry_run),
+        other => panic!("the Job must run `run --replay-failed --once`, not {other:?}"),
+    }
+    let (_, pinned) = pinned_image(&k.kustomization);
+    assert_eq!(
+        s(c, "image"),
+        pinned,
+        "keep the Job's image in step with kustomization.yaml"
+    );
+
+    // Replaying sends requests: the same config, key file and daemon role as the Deployment.
+    let configmap = one_of_kind(&deployed_objects(), "ConfigMap");
+    let settings = load_pod_config(&configmap, pod, c);
+    settings
+        .require(Needs::ApiKey)
+        .expect("the Job has an API key");
+    assert!(settings.database.url.contains("imprint_sync_daemon"));
+    // Not selected by the PDB or the Service (it is not a daemon replica).
+    let component = at(&job, "spec.template.metadata.labels")
+        .get("app.kubernetes.io/component")
+        .and_then(Value::as_str);
+    assert_eq!(component, Some("replay-failed"));
+}
+
+#[test]
+fn example_secret_is_visibly_a_placeholder() {
+    let (_, secret) = example_secret();
+    let keys: Vec<&str> = secret.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["api-key", "database-url", "migrator-database-url"]);
+    for (k, v) in &secret {
+        assert!(
+            v.contains("REPLACE-ME"),
+            "{k} must be an obvious placeholder"
+        );
+    }
+    assert!(read(&format!("{K8S}/secret.example.yaml")).contains("EXAMPLE ONLY"));
+}
+
+/// `kubectl kustomize` renders the directory, where kubectl is installed (no cluster needed).
+#[test]
+fn kustomize_renders_where_kubectl_exists() {
+    let Ok(out) = Command::new("kubectl")
+        .args(["kustomize", repo(K8S).to_str().unwrap()])
+        .output()
+    else {
+        println!("SKIPPED: kubectl is not installed; the manifests were checked by parsing only");
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl kustomize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, pinned) = pinned_image(&kustomization().kustomization);
+    // The init container and the daemon both get the pinned image.
+    assert_eq!(
+        stdout.matches(&format!("image: {pinned}")).count(),
+        2,
+        "{stdout}"
+    );
+    let rendered: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = rendered.iter().map(|o| s(o, "kind")).collect();
+    for kind in ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// systemd
+// ---------------------------------------------------------------------------------------
+
+const UNIT: &str = "deploy/systemd/imprint-sync.service";
+
+/// `[Section] Key` → every value assigned, in order (continuation lines are not used).
+fn unit_directives(text: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        assert!(!line.ends_with('\\'), "keep directives on one line: {line}");
+        let (k, v) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not a directive: {line}"));
+        out.entry((section.clone(), k.trim().to_owned()))
+            .or_default()
+            .push(v.trim().to_owned());
+    }
+    out
+}
+
+fn service_value(d: &BTreeMap<(String, String), Vec<String>>, key: &str) -> String {
+    let values = d
+        .get(&("Service".to_owned(), key.to_owned()))
+        .unwrap_or_else(|| panic!("[Service] {key}= is missing"));
+    values.last().unwrap().clone()
+}
+
+fn seconds(v: &str) -> u64 {
+    let v = v.trim();
+    if let Some(n) = v.strip_suffix("min") {
+        n.parse::<u64>().unwrap() * 60
+    } else {
+        v.trim_end_matches('s')
+            .parse()
+            .unwrap_or_else(|_| panic!("not seconds: {v}"))
+    }
+}
+
+/// KEY=VALUE lines of an environment file (comments and blanks skipped).
+fn env_file(rel: &str) -> Vec<(String, String)> {
+    read(rel)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{rel}: not KEY=VALUE: {l}"));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn systemd_unit_notifies_restarts_sanely_and_is_hardened() {
+    let d = unit_directives(&read(UNIT));
+    let v = |k: &str| service_value(&d, k);
+
+    assert_eq!(v("Type"), "notify");
+    assert_eq!(v("NotifyAccess"), "main");
+    assert!(seconds(&v("WatchdogSec")) > 0);
+    assert_eq!(v("Restart"), "on-failure");
+    assert!(
+        v("RestartPreventExitStatus")
+            .split_whitespace()
+            .any(|c| c == "64"),
+        "exit 64 (bad configuration) must not be restarted"
+    );
+    assert_eq!(v("EnvironmentFile"), "/etc/imprint-sync/env");
+
+    let start = v("ExecStart");
+    let start_args: Vec<String> = start
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    assert!(start.starts_with("/usr/local/bin/imprint-sync "), "{start}");
+    assert!(
+        matches!(parse_cli(&start_args).command, Cmd::Run(_)),
+        "{start}"
+    );
+    let pre = v("ExecStartPre");
+    let pre_args: Vec<String> = pre
+        .split_whitespace()
+        .skip_while(|w| *w != "/usr/local/bin/imprint-sync")
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        matches!(parse_cli(&pre_args).command, Cmd::Migrate),
+        "{pre}"
+    );
+    assert_eq!(
+        parse_cli(&pre_args).config,
+        parse_cli(&start_args).config,
+        "migrate and run read the same file"
+    );
+
+    // Every ${VAR} the unit expands is defined by the example environment file.
+    let env = env_file("deploy/systemd/env.example");
+    for line in read(UNIT)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+    {
+        for var in line
+            .split("${")
+            .skip(1)
+            .map(|r| r.split('}').next().unwrap())
+        {
+            assert!(
+                env.iter().any(|(k, _)| k == var),
+                "${{{var}}} is not in env.example"
+            );
+        }
+    }
+
+    // The grace: TimeoutStopSec above sync.shutdown_grace_ms of the example configuration.
+    let settings = Settings::load_from(Some(&repo("deploy/systemd/config.toml.example")), env)
+        .unwrap_or_else(|e| panic!("config.toml.example with env.example does not load: {e}"));
+    settings
+        .require(Needs::ApiKey)
+        .expect("env.example has a key");
+    let stop_ms = seconds(&v("TimeoutStopSec")) * 1000;
+    assert!(
+        stop_ms > settings.sync.shutdown_grace_ms + 5_000,
+        "TimeoutStopSec ({stop_ms} ms) must exceed sync.shutdown_grace_ms ({} ms)",
+        settings.sync.shutdown_grace_ms
+    );
+    assert!(
+        settings.admin_listen().unwrap().ip().is_loopback(),
+        "the host default stays on loopback"
+    );
+
+    let hardening = [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("SystemCallArchitectures", "native"),
+        ("LockPersonality", "yes"),
+        ("RestrictNamespaces", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("MemoryMax", "256M"),
+    ];
+    for (key, want) in hardening {
+        assert_eq!(v(key), want, "[Service] {key}");
+    }
+    assert!(
+        v("DynamicUser") == "yes" || d.contains_key(&("Service".into(), "User".into())),
+        "a dynamic or dedicated user"
+    );
+    let filters = &d[&("Service".to_owned(), "SystemCallFilter".to_owned())];
+    assert_eq!(filters[0], "@system-service");
+}
+
+/// Runs `systemd-analyze verify` on a copy of `unit_text` whose binary path points at the
+/// test's own build of the binary (verify insists that ExecStart's file exists).
+/// Returns the problems it reported about our unit, or None where systemd-analyze is absent.
+fn systemd_verify(unit_text: &str) -> Option<Vec<String>> {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("imprint-sync.service");
+    let bin = env!("CARGO_BIN_EXE_imprint-sync");
+    std::fs::write(&unit, unit_text.replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+    let out = match Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("running systemd-analyze: {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // verify also reports on the host's own units in some environments; keep what is ours.
+    let mut problems: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("imprint-sync"))
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() {
+        problems.push(format!("exit status {}: {text}", out.status));
+    }
+    Some(problems)
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    let unit = read(UNIT);
+    let Some(problems) = systemd_verify(&unit) else {
+        println!("SKIPPED: systemd-analyze is not installed; the unit was checked by parsing only");
+        return;
+    };
+    assert!(problems.is_empty(), "systemd-analyze verify: {problems:#?}");
+
+    // verify exits 0 on an unknown key, only warning: make sure such a warning is caught.
+    let typo = unit.replace("LockPersonality=yes", "LockPersonalty=yes");
+    let problems = systemd_verify(&typo).unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("LockPersonalty")),
+        "a misspelled key must be reported: {problems:#?}"
+    );
+}
+
+#[test]
+fn systemd_analyze_security_rates_the_unit_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("imprint-sync.service");
+    let bin = env!("CARGO_BIN_EXE_imprint-sync");
+    std::fs::write(
+        &unit,
+        read(UNIT).replace("/usr/local/bin/imprint-sync", bin),
+    )
+    .unwrap();
+    // Exposure on systemd's 0–100 scale (its 0.0–10.0 shown times ten); 20 is "OK".
+    let out = match Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=20", "--no-pager"])
+        .arg(&unit)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("SKIPPED: systemd-analyze is not installed");
+            return;
+        }
+        Err(e) => panic!("running systemd-analyze: {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Unknown option") || String::from_utf8_lossy(&out.stderr).contains("--offline")
+    {
+        println!("SKIPPED: this systemd-analyze has no offline security analysis");
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "exposure above the threshold:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The container image
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn dockerfile_builds_locked_and_runs_nonroot_distroless() {
+    let text = read("Dockerfile");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let from: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(from.len(), 2, "two stages: {from:?}");
+    assert!(from[0].starts_with("FROM rust:1-bookworm AS "));
+    assert_eq!(from[1], "FROM gcr.io/distroless/cc-debian12:nonroot");
+    assert!(text.contains("cargo build --release --locked"));
+    assert!(lines.contains(&"USER 65532:65532") || lines.contains(&"USER 65532"));
+    assert!(lines.contains(&r#"ENTRYPOINT ["imprint-sync"]"#));
+    assert!(lines.contains(&r#"CMD ["run"]"#));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("COPY --from=") && l.ends_with(" /usr/local/bin/imprint-sync"))
+    );
+    // The shipped defaults are found where the binary looks: ./config/default.toml.
+    let workdir = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("WORKDIR "))
+        .expect("a WORKDIR in the runtime stage");
+    let expected = format!(" {workdir}/config/default.toml");
+    assert!(
+        lines.iter().any(|l| l.starts_with("COPY")
+            && l.contains("config/default.toml")
+            && l.ends_with(&expected)),
+        "config/default.toml must be copied to {workdir}/config/default.toml"
+    );
+
+    // The build context keeps what the build needs.
+    let ignore = read(".dockerignore");
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(patterns.contains(&"target/") && patterns.contains(&".git/"));
+    for needed in ["src", "migrations", "config", "Cargo.toml", "Cargo.lock"] {
+        assert!(
+            !patterns
+                .iter()
+                .any(|p| p.trim_end_matches('/') == needed || p.trim_end_matches("/**") == needed),
+            ".dockerignore must not exclude {needed}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Least privilege in the database
+// ---------------------------------------------------------------------------------------
+
+mod roles {
+    use std::time::Duration;
+
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
+
+    use super::read;
+
+    const LOCAL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+    const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+    /// A fresh database on the local server, dropped when this value is dropped.
+    struct Scratch {
+        admin: PgConnectOptions,
+        name: String,
+        opts: PgConnectOptions,
+    }
+
+    impl Scratch {
+        async fn create() -> Self {
+            let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| LOCAL.to_owned());
+            let admin: PgConnectOptions = url.parse().expect("DATABASE_URL");
+            let admin = admin.log_statements(log::LevelFilter::Trace);
+            let mut conn = admin.connect().await.unwrap_or_else(|e| {
+                panic!(
+                    "no PostgreSQL for the roles test at {}: {e}. Start PostgreSQL on \
+                     127.0.0.1:5432 (user postgres) or set DATABASE_URL to a superuser URL.",
+                    imprint_sync::config::redact_database_url(&url)
+                )
+            });
+            let name = format!("imprint_sync_roles_{:016x}", rand::random::<u64>());
+            conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                r#"CREATE DATABASE "{name}""#
+            ))))
+            .await
+            .expect("CREATE DATABASE");
+            conn.close().await.ok();
+            let opts = admin.clone().database(&name);
+            Self { admin, name, opts }
+        }
+
+        /// A pool on the scratch database whose connections act as `role` (SET ROLE keeps
+        /// the test independent of pg_hba and passwords: privileges are those of the role).
+        async fn pool_as(&self, role: &'static str) -> PgPool {
+            PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                            "SET ROLE {role}"
+                        ))))
+                        .await?;
+                        Ok(())
+                    })
+                })
+                .connect_with(self.opts.clone())
+                .await
+                .expect("connecting to the scratch database")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let admin = self.admin.clone();
+            let name = self.name.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(mut conn) = admin.connect().await {
+                        let drop = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
+                        if let Err(e) = conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(drop))).await
+                        {
+                            eprintln!("warning: could not drop {name}: {e}");
+                        }
+                    }
+                });
+            })
+            .join()
+            .ok();
+        }
+    }
+
+    /// Runs one statement as `role` on a fresh connection.
+    async fn as_role(scratch: &Scratch, role: &str, sql: &str) -> Result<(), sqlx::Error> {
+        let mut conn: PgConnection = scratch.opts.connect().await.expect("connect");
+        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET ROLE {role}"
+        ))))
+        .await
+        .expect("SET ROLE");
+        let result = conn
+            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())))
+            .await
+            .map(|_| ());
+        conn.close().await.ok();
+        result
+    }
+
+    async fn allowed(scratch: &Scratch, role: &str, sql: &str) {
+        if let Err(e) = as_role(scratch, role, sql).await {
+            panic!("{role} must be allowed to: {sql}\n  but: {e}");
+        }
+    }
+
+    async fn denied(scratch: &Scratch, role: &str, sql: &str) {
+        match as_role(scratch, role, sql).await {
+            Ok(()) => panic!("{role} must NOT be allowed to: {sql}"),
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) => {}
+            Err(e) => panic!("{role}: {sql}\n  failed, but not for lack of privilege: {e}"),
+        }
+    }
+
+    async fn run_roles_sql(pool: &PgPool) {
+        pool.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(read(
+            "deploy/sql/roles.sql",
+        ))))
+        .await
+        .unwrap_or_else(|e| panic!("deploy/sql/roles.sql failed: {e}"));
+    }
+
+    #[tokio::test]
+    async fn roles_sql_grants_least_privilege() {
+        let scratch = Scratch::create().await;
+        let superuser = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(scratch.opts.clone())
+            .await
+            .unwrap();
+
+        // Roles first (they may already exist: roles are cluster-wide), then the migrations
+        // as the migrator, then roles.sql again: idempotent, and it grants on the new tables.
+        run_roles_sql(&superuser).await;
+        let migrator = scratch.pool_as("imprint_sync_migrator").await;
+        imprint_sync::db::migrate(&migrator)
+            .await
+            .expect("the migrator role can apply every migration");
+        run_roles_sql(&superuser).await;
+
+        // Everything in the schema belongs to the migrator.
+        let owners: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_get_userbyid(c.relowner)::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'imprint_sync' AND c.relkind IN ('r', 'S', 'p')",
+        )
+        .fetch_all(&superuser)
+        .await
+        .unwrap();
+        assert!(
+            owners.iter().any(|(t, _)| t == "customer_outbox"),
+            "{owners:?}"
+        );
+        for (table, owner) in &owners {
+            assert_eq!(owner, "imprint_sync_migrator", "owner of {table}");
+        }
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'imprint_sync'",
+        )
+        .fetch_all(&superuser)
+        .await
+        .unwrap();
+
+        // --- The partner's writers: insert into the outbox, nothing else. ---
+        let w = "imprint_sync_writer";
+        allowed(
+            &scratch,
+            w,
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, email, phone)
+             VALUES ('BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 'a@example.com', '+14155550100')",
+        )
+        .await;
+        denied(
+            &scratch,
+            w,
+            "SELECT count(*) FROM imprint_sync.customer_outbox",
+        )
+        .await;
+        denied(
+            &scratch,
+            w,
+            "UPDATE imprint_sync.customer_outbox SET sync_status = 'synced'",
+        )
+        .await;
+        denied(&scratch, w, "DELETE FROM imprint_sync.customer_outbox").await;
+        denied(
+            &scratch,
+            w,
+            "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('x') RETURNING id",
+        )
+        .await;
+        denied(
+            &scratch,
+            w,
+            "SELECT * FROM imprint_sync.customer_sync_state",
+        )
+        .await;
+        denied(
+            &scratch,
+            w,
+            "INSERT INTO imprint_sync.customer_sync_state (customer_id, last_synced_outbox_id, last_synced_at)
+             VALUES ('x', 1, now())",
+        )
+        .await;
+        denied(
+            &scratch,
+            w,
+            "UPDATE imprint_sync.customer_sync_state SET drift = NULL",
+        )
+        .await;
+        denied(&scratch, w, "DELETE FROM imprint_sync.customer_sync_state").await;
+        denied(&scratch, w, "SELECT * FROM imprint_sync.sync_attempts").await;
+        denied(&scratch, w, "CREATE TABLE imprint_sync.intruder (x int)").await;
+        for table in tables.iter().filter(|t| *t != "customer_outbox") {
+            denied(&scratch, w, &format!("SELECT 1 FROM imprint_sync.{table}")).await;
+        }
+
+        // The shipped trigger on a partner's own table works with the writer's privileges.
+        superuser
+            .execute(
+                "CREATE TABLE public.partner_customers (
+                     id bigint PRIMARY KEY, imprint_customer_id text, email text, phone text);
+                 CREATE TRIGGER partner_customers_imprint_sync
+                     AFTER INSERT OR UPDATE ON public.partner_customers
+                     FOR EACH ROW EXECUTE FUNCTION imprint_sync.enqueue_customer_change();
+                 GRANT INSERT, UPDATE, SELECT ON public.partner_customers TO imprint_sync_writer;",
+            )
+            .await
+            .unwrap();
+        allowed(
+            &scratch,
+            w,
+            "INSERT INTO public.partner_customers VALUES
+                 (1, 'C8C1D1D4-9E61-4C43-9B1B-3E3C1A4F0E11', 'b@example.com', '+14155550101');
+             UPDATE public.partner_customers SET phone = '+14155550102' WHERE id = 1;",
+        )
+        .await;
+        let enqueued: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM imprint_sync.customer_outbox
+              WHERE customer_id = 'C8C1D1D4-9E61-4C43-9B1B-3E3C1A4F0E11'",
+        )
+        .fetch_one(&superuser)
+        .await
+        .unwrap();
+        assert_eq!(
+            enqueued, 2,
+            "the trigger enqueued the insert and the update"
+        );
+
+        // --- The daemon: rows of every table, no DDL. ---
+        let daemon = scratch.pool_as("imprint_sync_daemon").await;
+        imprint_sync::db::check_migrated(&daemon)
+            .await
+            .expect("the daemon can check the migrations");
+        let d = "imprint_sync_daemon";
+        allowed(
+            &scratch,
+            d,
+            "UPDATE imprint_sync.customer_outbox
+                SET sync_status = 'in_flight', leased_by = 'test', attempts = attempts + 1,
+                    lease_expires_at = now() + interval '1 minute', updated_at = now()
+              WHERE id = (SELECT min(id) FROM imprint_sync.customer_outbox)",
+        )
+        .await;
+        allowed(
+            &scratch,
+            d,
+            "INSERT INTO imprint_sync.customer_sync_state
+                 (customer_id, last_synced_outbox_id, last_synced_at, response)
+             VALUES ('BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 1, now(), '{}')
+             ON CONFLICT (customer_id) DO UPDATE SET last_synced_outbox_id = EXCLUDED.last_synced_outbox_id",
+        )
+        .await;
+        allowed(
+            &scratch,
+            d,
+            "INSERT INTO imprint_sync.sync_attempts
+                 (outbox_id, customer_id, attempt, started_at, duration_ms, outcome, worker_id)
+             VALUES (1, 'BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 1, now(), 12, 'synced', 'test');
+             DELETE FROM imprint_sync.sync_attempts WHERE started_at < now() - interval '14 days';
+             DELETE FROM imprint_sync.customer_outbox WHERE sync_status = 'superseded';",
+        )
+        .await;
+        allowed(&scratch, d, "LISTEN imprint_sync_outbox").await;
+        for table in &tables {
+            allowed(
+                &scratch,
+                d,
+                &format!("SELECT count(*) FROM imprint_sync.{table}"),
+            )
+            .await;
+        }
+        denied(&scratch, d, "CREATE TABLE imprint_sync.intruder (x int)").await;
+        denied(&scratch, d, "DROP TABLE imprint_sync.customer_outbox").await;
+        denied(&scratch, d, "TRUNCATE imprint_sync.sync_attempts").await;
+        denied(
+            &scratch,
+            d,
+            "ALTER TABLE imprint_sync.customer_outbox ADD COLUMN x int",
+        )
+        .await;
+        denied(&scratch, d, "SELECT * FROM public.partner_customers").await;
+
+        // --- A table a later migration adds is covered by the default privileges. ---
+        allowed(
+            &scratch,
+            "imprint_sync_migrator",
+            "CREATE TABLE imprint_sync.later_table (id bigserial PRIMARY KEY, note text)",
+        )
+        .await;
+        allowed(
+            &scratch,
+            d,
+            "INSERT INTO imprint_sync.later_table (note) VALUES ('x');
+             UPDATE imprint_sync.later_table SET note = 'y';
+             DELETE FROM imprint_sync.later_table;",
+        )
+        .await;
+        denied(
+            &scratch,
+            w,
+            "INSERT INTO imprint_sync.later_table (note) VALUES ('x')",
+        )
+        .await;
+
+        daemon.close().await;
+        migrator.close().await;
+        superuser.close().await;
+    }
+}
