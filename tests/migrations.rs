@@ -9,7 +9,12 @@ use common::{TestDb, binary_command, output_text, run_binary};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 
-const TABLES: [&str; 3] = ["customer_outbox", "customer_sync_state", "sync_attempts"];
+const TABLES: [&str; 4] = [
+    "customer_outbox",
+    "customer_sync_state",
+    "sync_attempts",
+    "workers",
+];
 
 async fn our_tables(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
