@@ -1,0 +1,353 @@
+//! Traffic control, proved over TCP against the sandbox: the rate limit, 429 adaptation, the
+//! circuit breaker, the auth pause, and one rate shared by the replicas.
+//!
+//! Bounds are generous (the machines running the tests are shared and noisy); no test asserts
+//! a tight wall-clock figure. Each rate test prints what it measured (`--nocapture`).
+
+mod common;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use imprint_sync::config::Settings;
+use imprint_sync::engine::{Engine, EngineSettings, RunMode, Summary};
+use imprint_sync::imprint::Client;
+use imprint_sync::sandbox::{self, Faults, SandboxHandle};
+use imprint_sync::traffic::Traffic;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "traffic-test-key";
+
+/// `n` pending rows, one per customer (no coalescing), each a valid profile.
+async fn seed(pool: &PgPool, n: i64) {
+    sqlx::query(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, email, first_name)
+         SELECT 'cust-' || lpad(i::text, 6, '0'), 'c' || i || '@example.com', 'Name' || i
+         FROM generate_series(1, $1) AS i",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .expect("seeding the outbox");
+}
+
+/// Settings for a run against `sandbox` with `key`; `extra` are `SECTION__KEY` overrides.
+fn settings(db: &TestDb, sandbox: &SandboxHandle, key: &str, extra: &[(&str, &str)]) -> Settings {
+    let mut env = vec![
+        ("DATABASE_URL".to_owned(), db.url.clone()),
+        (
+            "IMPRINT_SYNC__API__BASE_URL".to_owned(),
+            sandbox.base_url().to_string(),
+        ),
+        ("IMPRINT_SYNC__API__KEY".to_owned(), key.to_owned()),
+        ("IMPRINT_SYNC__ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+    ];
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| (format!("IMPRINT_SYNC__{k}"), (*v).to_owned())),
+    );
+    Settings::load_from(None, env).expect("test settings")
+}
+
+/// An engine in `--once` mode, as `run --once` builds it.
+fn engine(pool: PgPool, s: &Settings, worker_id: &str) -> Engine {
+    Engine::with_mode(
+        pool,
+        Client::from_settings(s).expect("client"),
+        Traffic::new(s),
+        EngineSettings::from_settings(s),
+        worker_id.to_owned(),
+        RunMode { once: true },
+    )
+}
+
+async fn run_once(engine: &Engine) -> Summary {
+    tokio::time::timeout(Duration::from_secs(120), engine.run(CancellationToken::new()))
+        .await
+        .expect("the run drains the outbox in time")
+}
+
+/// Rows by `sync_status`, and the most attempts any row spent.
+async fn outcome(pool: &PgPool) -> (i64, i64, i64, i32) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE sync_status = 'synced'),
+                count(*) FILTER (WHERE sync_status = 'failed'),
+                count(*) FILTER (WHERE sync_status = 'pending'),
+                coalesce(max(attempts), 0)
+         FROM imprint_sync.customer_outbox",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("reading the outcome")
+}
+
+/// The sandbox's request count, sampled every 20 ms while a run goes on.
+struct Samples(Vec<(Duration, u64)>);
+
+async fn measure<F: Future>(sandbox: &SandboxHandle, run: F) -> (F::Output, Samples) {
+    let start = Instant::now();
+    let mut samples = vec![(Duration::ZERO, sandbox.stats().requests_total)];
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            out = &mut run => {
+                samples.push((start.elapsed(), sandbox.stats().requests_total));
+                return (out, Samples(samples));
+            }
+            _ = tick.tick() => samples.push((start.elapsed(), sandbox.stats().requests_total)),
+        }
+    }
+}
+
+impl Samples {
+    /// Requests per second from `from` (after the start of the run) to the last request.
+    fn rate_from(&self, from: Duration) -> f64 {
+        let last = self.0.last().map_or(0, |s| s.1);
+        let Some(&(t0, n0)) = self.0.iter().find(|s| s.0 >= from && s.1 > 0) else {
+            return 0.0;
+        };
+        let (t1, _) = *self.0.iter().find(|s| s.1 == last).expect("the last sample");
+        if t1 <= t0 {
+            return 0.0;
+        }
+        (last - n0) as f64 / (t1 - t0).as_secs_f64()
+    }
+
+    /// Requests per second from the first request to the last.
+    fn rate(&self) -> f64 {
+        self.rate_from(Duration::ZERO)
+    }
+
+    /// The most requests seen in any one-second window.
+    fn peak_per_second(&self) -> u64 {
+        let s = &self.0;
+        let mut best = 0;
+        let mut j = 0;
+        for i in 0..s.len() {
+            while s[i].0 - s[j].0 > Duration::from_secs(1) {
+                j += 1;
+            }
+            best = best.max(s[i].1 - s[j].1);
+        }
+        best
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_under_the_apis_limit_is_achieved_without_429s() {
+    let db = TestDb::new().await;
+    let faults = Faults {
+        rate_limit: Some(100.0),
+        ..Faults::default()
+    };
+    let api = sandbox::spawn_local(KEY, faults).await.expect("sandbox");
+    seed(&db.pool, 400).await;
+    let s = settings(&db, &api, KEY, &[("RATE_LIMIT__REQUESTS_PER_SECOND", "80")]);
+    let engine = engine(db.pool.clone(), &s, "rate-80");
+
+    let (summary, samples) = measure(&api, run_once(&engine)).await;
+
+    let stats = api.stats();
+    let rate = samples.rate();
+    let limited = stats.count(429);
+    let share = limited as f64 / stats.requests_total as f64;
+    eprintln!(
+        "80/s against a 100/s limit: {rate:.1} requests/s achieved, {} requests, {limited} answered 429 ({:.2} %), peak {} in one second",
+        stats.requests_total,
+        share * 100.0,
+        samples.peak_per_second()
+    );
+    assert_eq!(summary.synced, 400, "{summary:?}");
+    assert_eq!(outcome(&db.pool).await.0, 400);
+    assert!(rate >= 68.0, "achieved {rate:.1}/s, wanted at least 68/s");
+    assert!(share <= 0.01, "{limited} of {} answers were 429", stats.requests_total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_over_the_apis_limit_adapts_and_every_row_syncs() {
+    let db = TestDb::new().await;
+    let faults = Faults {
+        rate_limit: Some(100.0),
+        ..Faults::default()
+    };
+    let api = sandbox::spawn_local(KEY, faults).await.expect("sandbox");
+    seed(&db.pool, 400).await;
+    let s = settings(&db, &api, KEY, &[("RATE_LIMIT__REQUESTS_PER_SECOND", "400")]);
+    let engine = engine(db.pool.clone(), &s, "rate-400");
+
+    let (summary, samples) = measure(&api, run_once(&engine)).await;
+
+    let stats = api.stats();
+    let limited = stats.count(429);
+    let share = limited as f64 / stats.requests_total as f64;
+    eprintln!(
+        "400/s against a 100/s limit: {:.1} requests/s, {} requests, {limited} answered 429 ({:.1} %), peak {} in one second",
+        samples.rate(),
+        stats.requests_total,
+        share * 100.0,
+        samples.peak_per_second()
+    );
+    let (synced, failed, pending, max_attempts) = outcome(&db.pool).await;
+    assert_eq!((synced, failed, pending), (400, 0, 0), "{summary:?}");
+    assert_eq!(summary.failed, 0);
+    // A 429 is not an attempt.
+    assert_eq!(max_attempts, 1);
+    assert!(share <= 0.25, "{limited} of {} answers were 429", stats.requests_total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_opens_the_circuit_and_rows_sync_after_it() {
+    let db = TestDb::new().await;
+    let down = Faults {
+        fail_rate: 1.0,
+        ..Faults::default()
+    };
+    let api = sandbox::spawn_local(KEY, down).await.expect("sandbox");
+    seed(&db.pool, 300).await;
+    let s = settings(
+        &db,
+        &api,
+        KEY,
+        &[
+            ("RATE_LIMIT__REQUESTS_PER_SECOND", "100"),
+            ("SYNC__BACKOFF_BASE_MS", "200"),
+        ],
+    );
+    let engine = engine(db.pool.clone(), &s, "outage");
+
+    let started = Instant::now();
+    let (summary, during) = tokio::join!(run_once(&engine), async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let during = api.stats();
+        api.set_faults(Faults::default()).expect("ending the outage");
+        during
+    });
+    let drained_in = started.elapsed();
+
+    let after = api.stats();
+    let (synced, failed, pending, max_attempts) = outcome(&db.pool).await;
+    eprintln!(
+        "3 s outage, 300 rows: {} requests during it ({} answered 500), {} in all; the most attempts one row spent: {max_attempts}; drained {:.1} s after the start",
+        during.requests_total,
+        during.count(500),
+        after.requests_total,
+        drained_in.as_secs_f64()
+    );
+    assert!(
+        during.requests_total <= 100,
+        "{} requests reached the API during the outage",
+        during.requests_total
+    );
+    assert_eq!((synced, failed, pending), (300, 0, 0), "{summary:?}");
+    // Rows held back by the open circuit spent no attempt: only the few that met the outage.
+    assert!(max_attempts <= 4, "a row spent {max_attempts} attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
+    let db = TestDb::new().await;
+    let api = sandbox::spawn_local(KEY, Faults::default())
+        .await
+        .expect("sandbox");
+    seed(&db.pool, 100).await;
+
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imprint-sync"))
+            .args(["run", "--once"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUST_LOG")
+            .env("DATABASE_URL", &db.url)
+            .env("IMPRINT_SYNC__API__BASE_URL", api.base_url().as_str())
+            .env("IMPRINT_SYNC__API__KEY", "not-the-key")
+            .env("IMPRINT_SYNC__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("IMPRINT_SYNC__RATE_LIMIT__REQUESTS_PER_SECOND", "100")
+            .env("IMPRINT_SYNC__RATE_LIMIT__BURST", "20")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run --once stops by itself on a rejected key")
+    .expect("running imprint-sync");
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stats = api.stats();
+    eprintln!(
+        "wrong key: exit {:?}, {} requests reached the API ({} answered 401)",
+        out.status.code(),
+        stats.requests_total,
+        stats.count(401)
+    );
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("rejected") && stderr.contains("api.key"),
+        "stderr says why:\n{stderr}"
+    );
+    assert!(stats.requests_total >= 1 && stats.requests_total <= 5, "{stats:?}");
+    let (changed, spent): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE sync_status <> 'pending'),
+                count(*) FILTER (WHERE attempts <> 0)
+         FROM imprint_sync.customer_outbox",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("reading the rows");
+    assert_eq!((changed, spent), (0, 0), "no row changes or spends an attempt");
+}
+
+/// Two replicas share 80/s. Each starts alone (its share is the whole rate until it counts the
+/// other); a replica that joins announces itself on the workers channel and every replica
+/// counts again at once, so the shares settle within a database round trip instead of a
+/// heartbeat interval. The measurement therefore covers the whole run, start included; the
+/// rate after the first 3 s (the steady state, whatever the announce does) is printed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_deployments_rate() {
+    let db = TestDb::new().await;
+    let api = sandbox::spawn_local(KEY, Faults::default())
+        .await
+        .expect("sandbox");
+    seed(&db.pool, 600).await;
+    // Small batches, so the two replicas share the rows rather than one claiming them all.
+    let s = settings(
+        &db,
+        &api,
+        KEY,
+        &[
+            ("RATE_LIMIT__REQUESTS_PER_SECOND", "80"),
+            ("SYNC__BATCH_SIZE", "20"),
+        ],
+    );
+    let other_pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&db.url)
+        .await
+        .expect("a second pool");
+    let a = engine(db.pool.clone(), &s, "replica-a");
+    let b = engine(other_pool, &s, "replica-b");
+
+    let ((sa, sb), samples) = measure(&api, async {
+        tokio::join!(run_once(&a), run_once(&b))
+    })
+    .await;
+
+    let rate = samples.rate();
+    let steady = samples.rate_from(Duration::from_secs(3));
+    eprintln!(
+        "two replicas at 80/s in total: {rate:.1} requests/s over the run, {steady:.1}/s after the first 3 s, peak {} in one second; replica a synced {}, b {}",
+        samples.peak_per_second(),
+        sa.synced,
+        sb.synced
+    );
+    assert_eq!(outcome(&db.pool).await.0, 600);
+    assert_eq!(sa.synced + sb.synced, 600);
+    assert!(sa.synced >= 100 && sb.synced >= 100, "both replicas worked");
+    assert!(rate <= 88.0, "{rate:.1}/s in total, wanted at most 88/s");
+    assert!(steady <= 88.0, "{steady:.1}/s in total after 3 s");
+    // And they did not starve each other either.
+    assert!(rate >= 60.0, "{rate:.1}/s in total");
+}
