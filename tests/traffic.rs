@@ -43,7 +43,10 @@ fn settings(db: &TestDb, sandbox: &SandboxHandle, key: &str, extra: &[(&str, &st
             sandbox.base_url().to_string(),
         ),
         ("IMPRINT_SYNC__API__KEY".to_owned(), key.to_owned()),
-        ("IMPRINT_SYNC__ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        (
+            "IMPRINT_SYNC__ADMIN__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
     ];
     env.extend(
         extra
@@ -66,9 +69,12 @@ fn engine(pool: PgPool, s: &Settings, worker_id: &str) -> Engine {
 }
 
 async fn run_once(engine: &Engine) -> Summary {
-    tokio::time::timeout(Duration::from_secs(120), engine.run(CancellationToken::new()))
-        .await
-        .expect("the run drains the outbox in time")
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        engine.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the run drains the outbox in time")
 }
 
 /// Rows by `sync_status`, and the most attempts any row spent.
@@ -111,7 +117,11 @@ impl Samples {
         let Some(&(t0, n0)) = self.0.iter().find(|s| s.0 >= from && s.1 > 0) else {
             return 0.0;
         };
-        let (t1, _) = *self.0.iter().find(|s| s.1 == last).expect("the last sample");
+        let (t1, _) = *self
+            .0
+            .iter()
+            .find(|s| s.1 == last)
+            .expect("the last sample");
         if t1 <= t0 {
             return 0.0;
         }
@@ -165,7 +175,11 @@ async fn a_rate_under_the_apis_limit_is_achieved_without_429s() {
     assert_eq!(summary.synced, 400, "{summary:?}");
     assert_eq!(outcome(&db.pool).await.0, 400);
     assert!(rate >= 68.0, "achieved {rate:.1}/s, wanted at least 68/s");
-    assert!(share <= 0.01, "{limited} of {} answers were 429", stats.requests_total);
+    assert!(
+        share <= 0.01,
+        "{limited} of {} answers were 429",
+        stats.requests_total
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +191,12 @@ async fn a_rate_over_the_apis_limit_adapts_and_every_row_syncs() {
     };
     let api = sandbox::spawn_local(KEY, faults).await.expect("sandbox");
     seed(&db.pool, 400).await;
-    let s = settings(&db, &api, KEY, &[("RATE_LIMIT__REQUESTS_PER_SECOND", "400")]);
+    let s = settings(
+        &db,
+        &api,
+        KEY,
+        &[("RATE_LIMIT__REQUESTS_PER_SECOND", "400")],
+    );
     let engine = engine(db.pool.clone(), &s, "rate-400");
 
     let (summary, samples) = measure(&api, run_once(&engine)).await;
@@ -197,7 +216,11 @@ async fn a_rate_over_the_apis_limit_adapts_and_every_row_syncs() {
     assert_eq!(summary.failed, 0);
     // A 429 is not an attempt.
     assert_eq!(max_attempts, 1);
-    assert!(share <= 0.25, "{limited} of {} answers were 429", stats.requests_total);
+    assert!(
+        share <= 0.25,
+        "{limited} of {} answers were 429",
+        stats.requests_total
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +247,8 @@ async fn an_outage_opens_the_circuit_and_rows_sync_after_it() {
     let (summary, during) = tokio::join!(run_once(&engine), async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let during = api.stats();
-        api.set_faults(Faults::default()).expect("ending the outage");
+        api.set_faults(Faults::default())
+            .expect("ending the outage");
         during
     });
     let drained_in = started.elapsed();
@@ -245,6 +269,56 @@ async fn an_outage_opens_the_circuit_and_rows_sync_after_it() {
     );
     assert_eq!((synced, failed, pending), (300, 0, 0), "{summary:?}");
     // Rows held back by the open circuit spent no attempt: only the few that met the outage.
+    assert!(max_attempts <= 4, "a row spent {max_attempts} attempts");
+}
+
+/// The outage begins while rows stream out at full rate, with many rows queued for tokens:
+/// those must wait at the gate again rather than go out into the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_in_mid_run_stops_the_rows_already_queued() {
+    let db = TestDb::new().await;
+    let api = sandbox::spawn_local(KEY, Faults::default())
+        .await
+        .expect("sandbox");
+    seed(&db.pool, 600).await;
+    let s = settings(
+        &db,
+        &api,
+        KEY,
+        &[
+            ("RATE_LIMIT__REQUESTS_PER_SECOND", "100"),
+            ("SYNC__BACKOFF_BASE_MS", "200"),
+        ],
+    );
+    let engine = engine(db.pool.clone(), &s, "outage-mid-run");
+
+    let (summary, (before, during)) = tokio::join!(run_once(&engine), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = api.stats();
+        api.set_faults(Faults {
+            fail_rate: 1.0,
+            ..Faults::default()
+        })
+        .expect("starting the outage");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let during = api.stats();
+        api.set_faults(Faults::default())
+            .expect("ending the outage");
+        (before, during)
+    });
+
+    let sent = during.requests_total - before.requests_total;
+    let (synced, failed, pending, max_attempts) = outcome(&db.pool).await;
+    eprintln!(
+        "3 s outage in mid-run: {} requests before it, {sent} during it; the most attempts one row spent: {max_attempts}",
+        before.requests_total
+    );
+    assert!(before.requests_total > 0, "the run was under way");
+    assert!(
+        sent <= 100,
+        "{sent} requests reached the API during the outage"
+    );
+    assert_eq!((synced, failed, pending), (600, 0, 0), "{summary:?}");
     assert!(max_attempts <= 4, "a row spent {max_attempts} attempts");
 }
 
@@ -288,7 +362,10 @@ async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
         stderr.contains("rejected") && stderr.contains("api.key"),
         "stderr says why:\n{stderr}"
     );
-    assert!(stats.requests_total >= 1 && stats.requests_total <= 5, "{stats:?}");
+    assert!(
+        stats.requests_total >= 1 && stats.requests_total <= 5,
+        "{stats:?}"
+    );
     let (changed, spent): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE sync_status <> 'pending'),
                 count(*) FILTER (WHERE attempts <> 0)
@@ -297,7 +374,11 @@ async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
     .fetch_one(&db.pool)
     .await
     .expect("reading the rows");
-    assert_eq!((changed, spent), (0, 0), "no row changes or spends an attempt");
+    assert_eq!(
+        (changed, spent),
+        (0, 0),
+        "no row changes or spends an attempt"
+    );
 }
 
 /// Two replicas share 80/s. Each starts alone (its share is the whole rate until it counts the
@@ -330,10 +411,8 @@ async fn two_replicas_share_the_deployments_rate() {
     let a = engine(db.pool.clone(), &s, "replica-a");
     let b = engine(other_pool, &s, "replica-b");
 
-    let ((sa, sb), samples) = measure(&api, async {
-        tokio::join!(run_once(&a), run_once(&b))
-    })
-    .await;
+    let ((sa, sb), samples) =
+        measure(&api, async { tokio::join!(run_once(&a), run_once(&b)) }).await;
 
     let rate = samples.rate();
     let steady = samples.rate_from(Duration::from_secs(3));

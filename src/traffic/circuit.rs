@@ -84,6 +84,12 @@ impl Gate {
         self.inner().state
     }
 
+    /// Requests may go without waiting: closed, and the key known to be accepted.
+    pub fn is_open(&self) -> bool {
+        let g = self.inner();
+        g.state == GateState::Closed && g.verified
+    }
+
     /// Waits until the gate lets a request through: `Go`, `Probe`, or `None` at `deadline`.
     pub async fn enter(&self, deadline: Instant) -> Option<Admit> {
         loop {

@@ -56,18 +56,16 @@ struct State {
     last_increase: Instant,
 }
 
-/// A bucket for `rate` per second holding `burst`; full when `full`, else empty, so that a
-/// rate change never grants a fresh burst.
-fn limiter(rate: f64, burst: u32, clock: TokioClock, full: bool) -> Arc<Limiter> {
+/// A bucket for `rate` per second holding `burst`, empty, so that a start or a rate change
+/// never grants a fresh burst.
+fn limiter(rate: f64, burst: u32, clock: TokioClock) -> Arc<Limiter> {
     let period = Duration::from_secs_f64(1.0 / rate.max(0.001)).max(Duration::from_nanos(1));
     let burst = NonZeroU32::new(burst.max(1)).expect("max(1)");
     let quota = Quota::with_period(period)
         .expect("period > 0")
         .allow_burst(burst);
     let l = RateLimiter::direct_with_clock(quota, clock);
-    if !full {
-        let _ = l.check_n(burst);
-    }
+    let _ = l.check_n(burst);
     Arc::new(l)
 }
 
@@ -82,7 +80,9 @@ impl AdaptiveRate {
             inner: Mutex::new(State {
                 replicas: 1,
                 factor: 1.0,
-                limiter: limiter(requests_per_second, burst, clock, true),
+                // Empty at start: replicas that start together do not each send a full
+                // burst before they have counted one another.
+                limiter: limiter(requests_per_second, burst, clock),
                 clock,
                 rate: requests_per_second,
                 paused_until: None,
@@ -120,7 +120,7 @@ impl AdaptiveRate {
         let rate = self.configured / replicas * s.factor;
         let burst = (f64::from(self.burst) / replicas).ceil() as u32;
         if (rate - s.rate).abs() > f64::EPSILON {
-            s.limiter = limiter(rate, burst, s.clock, false);
+            s.limiter = limiter(rate, burst, s.clock);
             s.rate = rate;
         }
     }
@@ -282,10 +282,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_bucket_paces_requests_at_the_rate_in_force() {
         let rate = AdaptiveRate::new(50.0, 5);
-        // A full bucket at start (the burst), then 50 per second.
+        // An empty bucket at start, then 50 per second.
         let n = tokens_in(&rate, Duration::from_secs(2)).await;
-        assert!((104..=106).contains(&n), "{n}");
-        // Two replicas: 25 per second each, and no fresh burst on the change.
+        assert!((99..=101).contains(&n), "{n}");
+        // A quiet spell fills it up to the burst.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let n = tokens_in(&rate, Duration::from_millis(100)).await;
+        assert!((9..=11).contains(&n), "5 at once, then 5 in 0.1 s: {n}");
+        // Two replicas: 25 per second each, and no fresh burst on the change (the old bucket
+        // was full).
+        tokio::time::advance(Duration::from_secs(10)).await;
         rate.set_replicas(2);
         let n = tokens_in(&rate, Duration::from_secs(2)).await;
         assert!((49..=51).contains(&n), "{n}");

@@ -52,7 +52,10 @@ impl Drop for TestDb {
             rt.block_on(async move {
                 pool.close().await;
                 if let Err(e) = scratch.drop_now().await {
-                    eprintln!("warning: could not drop test database {}: {e:#}", scratch.name);
+                    eprintln!(
+                        "warning: could not drop test database {}: {e:#}",
+                        scratch.name
+                    );
                 }
             });
         })
@@ -113,5 +116,7 @@ async fn container() -> Option<String> {
     let port = node.get_host_port_ipv4(5432).await.ok()?;
     // Keep the container for the process's lifetime; it is removed when Docker reaps it.
     Box::leak(Box::new(node));
-    Some(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+    Some(format!(
+        "postgres://postgres:postgres@127.0.0.1:{port}/postgres"
+    ))
 }
