@@ -13,7 +13,7 @@ use common::TestDb;
 use imprint_sync::config::Settings;
 use imprint_sync::engine::{Engine, EngineSettings, RunMode, Summary};
 use imprint_sync::imprint::Client;
-use imprint_sync::sandbox::{self, Faults, SandboxHandle};
+use imprint_sync::sandbox::{self, Faults, SandboxHandle, Stats};
 use imprint_sync::traffic::Traffic;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -32,6 +32,14 @@ async fn seed(pool: &PgPool, n: i64) {
     .execute(pool)
     .await
     .expect("seeding the outbox");
+}
+
+/// A fresh database with `rows` rows due, and a sandbox with `faults`.
+async fn start(rows: i64, faults: Faults) -> (TestDb, SandboxHandle) {
+    let db = TestDb::new().await;
+    let api = sandbox::spawn_local(KEY, faults).await.expect("sandbox");
+    seed(&db.pool, rows).await;
+    (db, api)
 }
 
 /// Settings for a run against `sandbox` with `key`; `extra` are `SECTION__KEY` overrides.
@@ -148,30 +156,62 @@ impl Samples {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_under_the_apis_limit_is_achieved_without_429s() {
-    let db = TestDb::new().await;
+/// What 400 rows (one per customer) did, sent at `configured` requests per second to a sandbox
+/// that allows 100/s.
+struct Limited {
+    db: TestDb,
+    summary: Summary,
+    samples: Samples,
+    stats: Stats,
+    /// Answers that were 429, and their share of all answers.
+    limited: u64,
+    share: f64,
+}
+
+async fn against_a_limit_of_100(configured: &str) -> Limited {
     let faults = Faults {
         rate_limit: Some(100.0),
         ..Faults::default()
     };
-    let api = sandbox::spawn_local(KEY, faults).await.expect("sandbox");
-    seed(&db.pool, 400).await;
-    let s = settings(&db, &api, KEY, &[("RATE_LIMIT__REQUESTS_PER_SECOND", "80")]);
-    let engine = engine(db.pool.clone(), &s, "rate-80");
-
+    let (db, api) = start(400, faults).await;
+    let s = settings(
+        &db,
+        &api,
+        KEY,
+        &[("RATE_LIMIT__REQUESTS_PER_SECOND", configured)],
+    );
+    let engine = engine(db.pool.clone(), &s, "rate");
     let (summary, samples) = measure(&api, run_once(&engine)).await;
-
     let stats = api.stats();
-    let rate = samples.rate();
     let limited = stats.count(429);
-    let share = limited as f64 / stats.requests_total as f64;
     eprintln!(
-        "80/s against a 100/s limit: {rate:.1} requests/s achieved, {} requests, {limited} answered 429 ({:.2} %), peak {} in one second",
+        "{configured}/s against a 100/s limit: {:.1} requests/s achieved, {} requests, {limited} answered 429 ({:.2} %), peak {} in one second",
+        samples.rate(),
         stats.requests_total,
-        share * 100.0,
+        limited as f64 / stats.requests_total as f64 * 100.0,
         samples.peak_per_second()
     );
+    Limited {
+        db,
+        summary,
+        samples,
+        share: limited as f64 / stats.requests_total as f64,
+        limited,
+        stats,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_under_the_apis_limit_is_achieved_without_429s() {
+    let Limited {
+        db,
+        summary,
+        samples,
+        stats,
+        limited,
+        share,
+    } = against_a_limit_of_100("80").await;
+    let rate = samples.rate();
     assert_eq!(summary.synced, 400, "{summary:?}");
     assert_eq!(outcome(&db.pool).await.0, 400);
     assert!(rate >= 68.0, "achieved {rate:.1}/s, wanted at least 68/s");
@@ -184,33 +224,14 @@ async fn a_rate_under_the_apis_limit_is_achieved_without_429s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_over_the_apis_limit_adapts_and_every_row_syncs() {
-    let db = TestDb::new().await;
-    let faults = Faults {
-        rate_limit: Some(100.0),
-        ..Faults::default()
-    };
-    let api = sandbox::spawn_local(KEY, faults).await.expect("sandbox");
-    seed(&db.pool, 400).await;
-    let s = settings(
-        &db,
-        &api,
-        KEY,
-        &[("RATE_LIMIT__REQUESTS_PER_SECOND", "400")],
-    );
-    let engine = engine(db.pool.clone(), &s, "rate-400");
-
-    let (summary, samples) = measure(&api, run_once(&engine)).await;
-
-    let stats = api.stats();
-    let limited = stats.count(429);
-    let share = limited as f64 / stats.requests_total as f64;
-    eprintln!(
-        "400/s against a 100/s limit: {:.1} requests/s, {} requests, {limited} answered 429 ({:.1} %), peak {} in one second",
-        samples.rate(),
-        stats.requests_total,
-        share * 100.0,
-        samples.peak_per_second()
-    );
+    let Limited {
+        db,
+        summary,
+        stats,
+        limited,
+        share,
+        ..
+    } = against_a_limit_of_100("400").await;
     let (synced, failed, pending, max_attempts) = outcome(&db.pool).await;
     assert_eq!((synced, failed, pending), (400, 0, 0), "{summary:?}");
     assert_eq!(summary.failed, 0);
@@ -223,15 +244,27 @@ async fn a_rate_over_the_apis_limit_adapts_and_every_row_syncs() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_opens_the_circuit_and_rows_sync_after_it() {
-    let db = TestDb::new().await;
-    let down = Faults {
-        fail_rate: 1.0,
+/// What an outage did: requests before it and during it, and the rows after the run.
+struct Outage {
+    before: u64,
+    during: u64,
+    total: u64,
+    drained_in: Duration,
+    /// Synced, failed, pending, the most attempts of one row.
+    rows: (i64, i64, i64, i32),
+}
+
+/// Runs `rows` rows at 100/s through a 3 s outage (`fail_rate` 1.0) that begins `after` the
+/// start of the run, and checks what the circuit must guarantee: at most 100 requests reach
+/// the API during the outage, every row is synced after it, and rows held back by the open
+/// circuit spend no attempt (only the few that met the outage do).
+async fn outage(rows: i64, after: Duration) -> Outage {
+    let faults = |fail_rate| Faults {
+        fail_rate,
         ..Faults::default()
     };
-    let api = sandbox::spawn_local(KEY, down).await.expect("sandbox");
-    seed(&db.pool, 300).await;
+    let first = if after.is_zero() { 1.0 } else { 0.0 };
+    let (db, api) = start(rows, faults(first)).await;
     let s = settings(
         &db,
         &api,
@@ -244,91 +277,57 @@ async fn an_outage_opens_the_circuit_and_rows_sync_after_it() {
     let engine = engine(db.pool.clone(), &s, "outage");
 
     let started = Instant::now();
-    let (summary, during) = tokio::join!(run_once(&engine), async {
+    let (summary, (before, during)) = tokio::join!(run_once(&engine), async {
+        tokio::time::sleep(after).await;
+        let before = api.stats().requests_total;
+        api.set_faults(faults(1.0)).expect("starting the outage");
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let during = api.stats();
-        api.set_faults(Faults::default())
-            .expect("ending the outage");
-        during
+        let during = api.stats().requests_total - before;
+        api.set_faults(faults(0.0)).expect("ending the outage");
+        (before, during)
     });
-    let drained_in = started.elapsed();
-
-    let after = api.stats();
-    let (synced, failed, pending, max_attempts) = outcome(&db.pool).await;
+    let o = Outage {
+        before,
+        during,
+        total: api.stats().requests_total,
+        drained_in: started.elapsed(),
+        rows: outcome(&db.pool).await,
+    };
     eprintln!(
-        "3 s outage, 300 rows: {} requests during it ({} answered 500), {} in all; the most attempts one row spent: {max_attempts}; drained {:.1} s after the start",
-        during.requests_total,
-        during.count(500),
-        after.requests_total,
-        drained_in.as_secs_f64()
+        "3 s outage {:.0} s into a run of {rows} rows: {} requests before it, {} during it, {} in all; the most attempts one row spent: {}; drained in {:.1} s",
+        after.as_secs_f64(),
+        o.before,
+        o.during,
+        o.total,
+        o.rows.3,
+        o.drained_in.as_secs_f64()
     );
     assert!(
-        during.requests_total <= 100,
+        o.during <= 100,
         "{} requests reached the API during the outage",
-        during.requests_total
+        o.during
     );
-    assert_eq!((synced, failed, pending), (300, 0, 0), "{summary:?}");
-    // Rows held back by the open circuit spent no attempt: only the few that met the outage.
-    assert!(max_attempts <= 4, "a row spent {max_attempts} attempts");
+    assert_eq!((o.rows.0, o.rows.1, o.rows.2), (rows, 0, 0), "{summary:?}");
+    assert!(o.rows.3 <= 4, "a row spent {} attempts", o.rows.3);
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_opens_the_circuit_and_rows_sync_after_it() {
+    outage(300, Duration::ZERO).await;
 }
 
 /// The outage begins while rows stream out at full rate, with many rows queued for tokens:
 /// those must wait at the gate again rather than go out into the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_in_mid_run_stops_the_rows_already_queued() {
-    let db = TestDb::new().await;
-    let api = sandbox::spawn_local(KEY, Faults::default())
-        .await
-        .expect("sandbox");
-    seed(&db.pool, 600).await;
-    let s = settings(
-        &db,
-        &api,
-        KEY,
-        &[
-            ("RATE_LIMIT__REQUESTS_PER_SECOND", "100"),
-            ("SYNC__BACKOFF_BASE_MS", "200"),
-        ],
-    );
-    let engine = engine(db.pool.clone(), &s, "outage-mid-run");
-
-    let (summary, (before, during)) = tokio::join!(run_once(&engine), async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let before = api.stats();
-        api.set_faults(Faults {
-            fail_rate: 1.0,
-            ..Faults::default()
-        })
-        .expect("starting the outage");
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let during = api.stats();
-        api.set_faults(Faults::default())
-            .expect("ending the outage");
-        (before, during)
-    });
-
-    let sent = during.requests_total - before.requests_total;
-    let (synced, failed, pending, max_attempts) = outcome(&db.pool).await;
-    eprintln!(
-        "3 s outage in mid-run: {} requests before it, {sent} during it; the most attempts one row spent: {max_attempts}",
-        before.requests_total
-    );
-    assert!(before.requests_total > 0, "the run was under way");
-    assert!(
-        sent <= 100,
-        "{sent} requests reached the API during the outage"
-    );
-    assert_eq!((synced, failed, pending), (600, 0, 0), "{summary:?}");
-    assert!(max_attempts <= 4, "a row spent {max_attempts} attempts");
+    let o = outage(600, Duration::from_secs(1)).await;
+    assert!(o.before > 0, "the run was under way");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
-    let db = TestDb::new().await;
-    let api = sandbox::spawn_local(KEY, Faults::default())
-        .await
-        .expect("sandbox");
-    seed(&db.pool, 100).await;
+    let (db, api) = start(100, Faults::default()).await;
 
     let out = tokio::time::timeout(
         Duration::from_secs(60),
@@ -388,11 +387,7 @@ async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
 /// rate after the first 3 s (the steady state, whatever the announce does) is printed too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_the_deployments_rate() {
-    let db = TestDb::new().await;
-    let api = sandbox::spawn_local(KEY, Faults::default())
-        .await
-        .expect("sandbox");
-    seed(&db.pool, 600).await;
+    let (db, api) = start(600, Faults::default()).await;
     // Small batches, so the two replicas share the rows rather than one claiming them all.
     let s = settings(
         &db,

@@ -254,6 +254,14 @@ mod tests {
         Instant::now() + Duration::from_secs(3_600)
     }
 
+    /// A request waiting at the gate (in a task of its own) until `deadline`.
+    async fn waiting(g: &Arc<Gate>, deadline: Instant) -> tokio::task::JoinHandle<Option<Admit>> {
+        let g = g.clone();
+        let waiter = tokio::spawn(async move { g.enter(deadline).await });
+        tokio::task::yield_now().await;
+        waiter
+    }
+
     /// A gate whose key has been shown to work.
     async fn verified() -> Arc<Gate> {
         let g = gate();
@@ -268,11 +276,7 @@ mod tests {
         assert_eq!(g.enter(far()).await, Some(Admit::Probe));
         // Others wait for its answer.
         assert_eq!(g.enter(soon()).await, None);
-        let waiter = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter(far()).await }
-        });
-        tokio::task::yield_now().await;
+        let waiter = waiting(&g, far()).await;
         g.on_success(true);
         assert_eq!(waiter.await.unwrap(), Some(Admit::Go));
         assert_eq!(g.enter(soon()).await, Some(Admit::Go));
@@ -283,11 +287,7 @@ mod tests {
     async fn a_failed_first_request_hands_the_probe_to_the_next() {
         let g = gate();
         assert_eq!(g.enter(far()).await, Some(Admit::Probe));
-        let waiter = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter(far()).await }
-        });
-        tokio::task::yield_now().await;
+        let waiter = waiting(&g, far()).await;
         g.on_failure(true);
         assert_eq!(waiter.await.unwrap(), Some(Admit::Probe));
     }
@@ -308,11 +308,7 @@ mod tests {
         assert_eq!(g.enter(far()).await, Some(Admit::Probe));
         assert!(start.elapsed() >= Duration::from_millis(900));
         // One probe at a time.
-        let waiter = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter(far()).await }
-        });
-        tokio::task::yield_now().await;
+        let waiter = waiting(&g, far()).await;
         assert!(!waiter.is_finished());
         // The probe fails: the cool-down doubles, and the waiter becomes the next probe.
         let failed_at = Instant::now();
@@ -383,11 +379,7 @@ mod tests {
     async fn a_rejected_first_request_pauses_at_once() {
         let g = gate();
         assert_eq!(g.enter(far()).await, Some(Admit::Probe));
-        let waiter = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter(Instant::now() + Duration::from_secs(5)).await }
-        });
-        tokio::task::yield_now().await;
+        let waiter = waiting(&g, Instant::now() + Duration::from_secs(5)).await;
         g.on_auth_rejected(403, true);
         assert_eq!(g.state(), GateState::AuthPaused);
         // The waiter is not let through; it gives up at its deadline (before the next probe).
