@@ -1,5 +1,10 @@
 //! Background duties of a running engine: LISTEN for new rows, heartbeat (live replicas and
 //! the rate share), rescue of expired leases, and retention.
+//!
+//! The rate share follows the live replicas closely: a replica that joins or leaves says so on
+//! the workers channel, and every replica counts again at once, instead of at its next beat.
+//! So the deployment's total stays at the configured rate when replicas come and go (within
+//! a database round trip); a replica that dies silently is forgotten after the replica TTL.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,15 +15,21 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::shutdown::Backoff;
-use super::{CHANNEL, Shared};
+use super::{CHANNEL, Shared, WORKERS_CHANNEL};
 
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Rows deleted per retention statement: small, so no statement holds locks for long.
 const PRUNE_BATCH: i64 = 1_000;
 
 pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken) {
-    let listener = tokio::spawn(listen(shared.clone(), wake.clone(), stop.clone()));
+    let replicas_changed = Arc::new(Notify::new());
+    let listener = tokio::spawn(listen(
+        shared.clone(),
+        wake.clone(),
+        replicas_changed.clone(),
+        stop.clone(),
+    ));
     let rescue_every =
         (shared.settings.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(15));
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
@@ -26,28 +37,47 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     let host = super::hostname();
     let mut db = Backoff::new("heartbeat and lease rescue");
+    let mut announced = false;
     loop {
-        tokio::select! {
+        let beat = tokio::select! {
             _ = stop.cancelled() => break,
-            _ = heartbeat.tick() => match shared.store.heartbeat(&host).await {
-                Ok(live) => {
-                    db.succeeded(&shared.health);
-                    shared.health.replicas.store(live.into(), Ordering::Relaxed);
-                    shared.traffic.rate.set_replicas(live);
-                    metrics::gauge!("imprint_sync_replicas_live").set(f64::from(live));
-                    metrics::gauge!("imprint_sync_rate_limit_effective_rps").set(shared.traffic.rate.effective());
+            _ = heartbeat.tick() => true,
+            _ = replicas_changed.notified() => true,
+            _ = rescue.tick() => {
+                match shared.store.rescue_expired().await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(rows = n, "rows whose lease expired are pending again");
+                        wake.notify_one();
+                    }
+                    Err(e) => { db.failed(&e, &shared.health); }
                 }
-                Err(e) => { db.failed(&e, &shared.health); }
-            },
-            _ = rescue.tick() => match shared.store.rescue_expired().await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(rows = n, "rows whose lease expired are pending again");
-                    wake.notify_one();
+                false
+            }
+            _ = prune.tick() => {
+                prune_all(&shared, &stop).await;
+                false
+            }
+        };
+        if !beat {
+            continue;
+        }
+        match shared.store.heartbeat(&host).await {
+            Ok(live) => {
+                db.succeeded(&shared.health);
+                shared.health.replicas.store(live.into(), Ordering::Relaxed);
+                shared.traffic.rate.set_replicas(live);
+                metrics::gauge!("imprint_sync_replicas_live").set(f64::from(live));
+                metrics::gauge!("imprint_sync_rate_limit_effective_rps")
+                    .set(shared.traffic.rate.effective());
+                if !announced {
+                    // Tell the others to count again now, not at their next beat.
+                    announced = shared.store.announce().await.is_ok();
                 }
-                Err(e) => { db.failed(&e, &shared.health); }
-            },
-            _ = prune.tick() => prune_all(&shared, &stop).await,
+            }
+            Err(e) => {
+                db.failed(&e, &shared.health);
+            }
         }
     }
     listener.abort();
@@ -78,9 +108,15 @@ async fn prune_all(shared: &Shared, stop: &CancellationToken) {
     }
 }
 
-/// LISTEN on the outbox channel; every notification wakes the claimer. sqlx's listener
-/// reconnects and LISTENs again by itself; errors are waited out with backoff.
-async fn listen(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken) {
+/// LISTEN on the outbox channel (every notification wakes the claimer) and on the workers
+/// channel (a replica joined or left: count again). sqlx's listener reconnects and LISTENs
+/// again by itself; errors are waited out with backoff.
+async fn listen(
+    shared: Arc<Shared>,
+    wake: Arc<Notify>,
+    replicas_changed: Arc<Notify>,
+    stop: CancellationToken,
+) {
     let mut backoff = Backoff::new("listening for new rows");
     let mut listener: Option<PgListener> = None;
     loop {
@@ -90,8 +126,12 @@ async fn listen(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken)
         let l = match &mut listener {
             Some(l) => l,
             None => match PgListener::connect_with(shared.store.pool()).await {
-                Ok(mut l) => match l.listen(CHANNEL).await {
-                    Ok(()) => listener.insert(l),
+                Ok(mut l) => match l.listen_all([CHANNEL, WORKERS_CHANNEL]).await {
+                    Ok(()) => {
+                        // A replica may have joined while we were not listening.
+                        replicas_changed.notify_one();
+                        listener.insert(l)
+                    }
                     Err(e) => {
                         tokio::time::sleep(backoff.failed(&e, &shared.health)).await;
                         continue;
@@ -104,15 +144,21 @@ async fn listen(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken)
             },
         };
         match l.recv().await {
+            Ok(n) if n.channel() == WORKERS_CHANNEL => {
+                backoff.succeeded(&shared.health);
+                replicas_changed.notify_one();
+            }
             Ok(_) => {
                 backoff.succeeded(&shared.health);
                 wake.notify_one();
             }
             Err(e) => {
-                // Rows may have arrived while we were deaf: look once the wait is over.
+                // Rows may have arrived, and replicas come or gone, while we were deaf: look
+                // once the wait is over.
                 let delay = backoff.failed(&e, &shared.health);
                 tokio::time::sleep(delay).await;
                 wake.notify_one();
+                replicas_changed.notify_one();
             }
         }
     }

@@ -27,6 +27,8 @@ use crate::traffic::Traffic;
 
 /// The NOTIFY channel the outbox trigger signals.
 pub const CHANNEL: &str = "imprint_sync_outbox";
+/// The NOTIFY channel on which replicas announce that they joined or left.
+pub const WORKERS_CHANNEL: &str = "imprint_sync_workers";
 
 /// The engine's knobs, from `sync.*` and friends.
 #[derive(Debug, Clone)]

@@ -525,8 +525,8 @@ pub struct Replica {
     pub heartbeat_at: DateTime<Utc>,
 }
 
-/// Seconds without a heartbeat after which a replica is dead.
-pub const REPLICA_TTL_SECONDS: i64 = 15;
+/// Seconds without a heartbeat after which a replica is dead (replicas beat every second).
+pub const REPLICA_TTL_SECONDS: i64 = 6;
 
 impl Store {
     /// Records this process as live, forgets dead ones, and returns how many are live.
@@ -553,12 +553,28 @@ impl Store {
         Ok(live.clamp(1, i64::from(u32::MAX)) as u32)
     }
 
-    /// Removes this process from the live replicas (graceful stop).
-    pub async fn leave(&self) -> sqlx::Result<()> {
-        sqlx::query("DELETE FROM imprint_sync.workers WHERE worker_id = $1")
+    /// Tells the other replicas that this one joined: they count the live replicas again.
+    pub async fn announce(&self) -> sqlx::Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::engine::WORKERS_CHANNEL)
             .bind(&self.worker_id)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Removes this process from the live replicas (graceful stop), and tells the others.
+    pub async fn leave(&self) -> sqlx::Result<()> {
+        sqlx::query(
+            "WITH gone AS (
+                DELETE FROM imprint_sync.workers WHERE worker_id = $1 RETURNING 1
+             )
+             SELECT pg_notify($2, $1) FROM gone",
+        )
+        .bind(&self.worker_id)
+        .bind(crate::engine::WORKERS_CHANNEL)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }

@@ -47,17 +47,24 @@ impl Traffic {
 
     /// Waits until a request may be sent, or gives up at `deadline`.
     pub async fn admit(&self, deadline: Instant) -> Admit {
-        let admit = match self.gate.enter(deadline).await {
-            Some(a) => a,
-            None => return Admit::GiveUp,
-        };
-        if !self.rate.until_ready(deadline).await {
-            if admit == Admit::Probe {
-                self.gate.probe_abandoned();
+        loop {
+            let admit = match self.gate.enter(deadline).await {
+                Some(a) => a,
+                None => return Admit::GiveUp,
+            };
+            if !self.rate.until_ready(deadline).await {
+                if admit == Admit::Probe {
+                    self.gate.probe_abandoned();
+                }
+                return Admit::GiveUp;
             }
-            return Admit::GiveUp;
+            // The gate may have shut while this request waited for its token (an outage or a
+            // rejected key met by others): then it waits at the gate again, and the rows
+            // queued for tokens do not all go out into the outage.
+            if admit == Admit::Probe || self.gate.is_open() {
+                return admit;
+            }
         }
-        admit
     }
 
     /// Learns from an answer: 429 slows the sender; failures feed the circuit.

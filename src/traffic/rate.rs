@@ -5,7 +5,10 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
 /// Lowest share of the target rate AIMD may fall to.
@@ -14,6 +17,23 @@ const FLOOR: f64 = 0.05;
 const DECREASE: f64 = 0.5;
 /// Additive increase per second without a 429, as a share of the target.
 const INCREASE: f64 = 0.05;
+
+/// governor on tokio's clock: the bucket and the sleeps that wait for it read the same time
+/// (and tests with paused time see the bucket refill as time advances).
+#[derive(Debug, Clone, Copy)]
+struct TokioClock {
+    origin: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.origin)
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 #[derive(Debug)]
 pub struct AdaptiveRate {
@@ -27,7 +47,8 @@ struct State {
     replicas: u32,
     /// Share of the target now in force (AIMD), in `[FLOOR, 1]`.
     factor: f64,
-    limiter: Arc<DefaultDirectRateLimiter>,
+    limiter: Arc<Limiter>,
+    clock: TokioClock,
     /// The rate `limiter` was built for.
     rate: f64,
     paused_until: Option<Instant>,
@@ -35,31 +56,34 @@ struct State {
     last_increase: Instant,
 }
 
-fn limiter(rate: f64, burst: u32) -> Arc<DefaultDirectRateLimiter> {
-    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+/// A bucket for `rate` per second holding `burst`, empty, so that a start or a rate change
+/// never grants a fresh burst.
+fn limiter(rate: f64, burst: u32, clock: TokioClock) -> Arc<Limiter> {
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001)).max(Duration::from_nanos(1));
     let burst = NonZeroU32::new(burst.max(1)).expect("max(1)");
     let quota = Quota::with_period(period)
         .expect("period > 0")
         .allow_burst(burst);
-    let l = RateLimiter::direct(quota);
-    // A new bucket starts full; drain it, so a rate change never grants a fresh burst.
+    let l = RateLimiter::direct_with_clock(quota, clock);
     let _ = l.check_n(burst);
     Arc::new(l)
 }
 
 impl AdaptiveRate {
     pub fn new(requests_per_second: f64, burst: u32) -> Self {
+        let clock = TokioClock {
+            origin: Instant::now(),
+        };
         Self {
             configured: requests_per_second,
             burst,
             inner: Mutex::new(State {
                 replicas: 1,
                 factor: 1.0,
-                limiter: Arc::new(RateLimiter::direct(
-                    Quota::with_period(Duration::from_secs_f64(1.0 / requests_per_second))
-                        .expect("period > 0")
-                        .allow_burst(NonZeroU32::new(burst.max(1)).expect("max(1)")),
-                )),
+                // Empty at start: replicas that start together do not each send a full
+                // burst before they have counted one another.
+                limiter: limiter(requests_per_second, burst, clock),
+                clock,
                 rate: requests_per_second,
                 paused_until: None,
                 last_decrease: None,
@@ -96,7 +120,7 @@ impl AdaptiveRate {
         let rate = self.configured / replicas * s.factor;
         let burst = (f64::from(self.burst) / replicas).ceil() as u32;
         if (rate - s.rate).abs() > f64::EPSILON {
-            s.limiter = limiter(rate, burst);
+            s.limiter = limiter(rate, burst, s.clock);
             s.rate = rate;
         }
     }
@@ -118,9 +142,7 @@ impl AdaptiveRate {
             match limiter.check() {
                 Ok(()) => return true,
                 Err(not_until) => {
-                    let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                        &governor::clock::DefaultClock::default(),
-                    ));
+                    let wait = not_until.wait_time_from(limiter.clock().now());
                     let at = Instant::now() + wait;
                     if at > deadline {
                         return false;
@@ -165,5 +187,128 @@ impl AdaptiveRate {
         let until = self.state().paused_until?;
         let now = Instant::now();
         (until > now).then(|| until - now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn approx(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_halves_the_rate_once_per_pause() {
+        let rate = AdaptiveRate::new(100.0, 10);
+        rate.on_rate_limited(Duration::from_secs(1));
+        assert!(approx(rate.effective(), 50.0), "{}", rate.effective());
+        // The volley of 429s answering requests already in flight counts once.
+        for _ in 0..20 {
+            rate.on_rate_limited(Duration::from_secs(1));
+        }
+        assert!(approx(rate.effective(), 50.0), "{}", rate.effective());
+        assert!(rate.paused_for().is_some());
+        // A 429 after the pause is news: halve again.
+        tokio::time::advance(Duration::from_millis(1_100)).await;
+        assert_eq!(rate.paused_for(), None);
+        rate.on_rate_limited(Duration::from_secs(1));
+        assert!(approx(rate.effective(), 25.0), "{}", rate.effective());
+        // Never below the floor.
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(1_100)).await;
+            rate.on_rate_limited(Duration::from_secs(1));
+        }
+        assert!(
+            approx(rate.effective(), 100.0 * FLOOR),
+            "{}",
+            rate.effective()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_is_won_back_step_by_step_up_to_the_target() {
+        let rate = AdaptiveRate::new(100.0, 10);
+        rate.on_rate_limited(Duration::from_secs(1));
+        assert!(approx(rate.effective(), 50.0));
+        // Successes within the same second do not add up.
+        for _ in 0..100 {
+            rate.on_success();
+        }
+        assert!(approx(rate.effective(), 50.0), "{}", rate.effective());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rate.on_success();
+        assert!(approx(rate.effective(), 55.0), "{}", rate.effective());
+        for _ in 0..30 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            rate.on_success();
+        }
+        assert!(
+            approx(rate.effective(), 100.0),
+            "capped at the target: {}",
+            rate.effective()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_share_the_configured_rate() {
+        let rate = AdaptiveRate::new(80.0, 10);
+        assert!(approx(rate.target(), 80.0));
+        rate.set_replicas(2);
+        assert!(approx(rate.target(), 40.0));
+        assert!(approx(rate.effective(), 40.0));
+        rate.set_replicas(4);
+        assert!(approx(rate.effective(), 20.0));
+        // AIMD applies to the share.
+        rate.on_rate_limited(Duration::from_secs(1));
+        assert!(approx(rate.effective(), 10.0));
+        rate.set_replicas(1);
+        assert!(approx(rate.effective(), 40.0));
+        // Zero live replicas cannot happen (we are one); it counts as one.
+        rate.set_replicas(0);
+        assert!(approx(rate.target(), 80.0));
+    }
+
+    /// Tokens taken over `span` of (paused) time.
+    async fn tokens_in(rate: &AdaptiveRate, span: Duration) -> u32 {
+        let end = Instant::now() + span;
+        let mut n = 0;
+        while rate.until_ready(end).await {
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_paces_requests_at_the_rate_in_force() {
+        let rate = AdaptiveRate::new(50.0, 5);
+        // An empty bucket at start, then 50 per second.
+        let n = tokens_in(&rate, Duration::from_secs(2)).await;
+        assert!((99..=101).contains(&n), "{n}");
+        // A quiet spell fills it up to the burst.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let n = tokens_in(&rate, Duration::from_millis(100)).await;
+        assert!((9..=11).contains(&n), "5 at once, then 5 in 0.1 s: {n}");
+        // Two replicas: 25 per second each, and no fresh burst on the change (the old bucket
+        // was full).
+        tokio::time::advance(Duration::from_secs(10)).await;
+        rate.set_replicas(2);
+        let n = tokens_in(&rate, Duration::from_secs(2)).await;
+        assert!((49..=51).contains(&n), "{n}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pause_holds_every_sender() {
+        let rate = AdaptiveRate::new(100.0, 10);
+        let start = Instant::now();
+        rate.on_rate_limited(Duration::from_secs(2));
+        // A deadline inside the pause: give up at once rather than hold the row.
+        assert!(!rate.until_ready(start + Duration::from_secs(1)).await);
+        assert!(rate.until_ready(start + Duration::from_secs(5)).await);
+        assert!(
+            start.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
