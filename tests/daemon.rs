@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{
-    API_KEY, Daemon, TestDb, counts, customer_id, env_with, eventually, insert, profile, row,
-    rows, sandbox, version_of,
+    API_KEY, Daemon, TestDb, counts, customer_id, env_with, eventually, insert, profile, row, rows,
+    sandbox, version_of,
 };
 use imprint_sync::sandbox::{Faults, SandboxHandle};
 use serde_json::json;
@@ -83,7 +83,10 @@ async fn a_killed_daemon_loses_nothing_after_a_restart() {
     .await;
     first.kill9().await;
     let in_flight = count_of(&db, "in_flight").await;
-    assert!(in_flight > 0, "the kill left no row in flight: nothing was proved");
+    assert!(
+        in_flight > 0,
+        "the kill left no row in flight: nothing was proved"
+    );
 
     let mut second = Daemon::start(&["run", "--once"], &env);
     assert_eq!(second.exit_code(90).await, 0, "{}", second.stderr());
@@ -97,8 +100,7 @@ async fn a_killed_daemon_loses_nothing_after_a_restart() {
 async fn the_daemon_outlives_a_database_outage() {
     let db = TestDb::new().await;
     let sandbox = sandbox(latency(250)).await;
-    let customers: Vec<_> = (0..60).map(|n| profile(&customer_id(23, n), 1)).collect();
-    insert(&db.pool, &customers).await;
+    common::seed_customers(&db.pool, 23, 60).await;
     let env = env(
         &db,
         &sandbox,
@@ -118,7 +120,12 @@ async fn the_daemon_outlives_a_database_outage() {
     let stderr = daemon.stderr();
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("database unavailable"), "{stderr}");
-    assert_eq!(count_of(&db, "synced").await, 60, "{:?}", counts(&db.pool).await);
+    assert_eq!(
+        count_of(&db, "synced").await,
+        60,
+        "{:?}",
+        counts(&db.pool).await
+    );
 }
 
 /// 404 fails the row (exit 1); once the customer exists, `run --replay-failed --once` sends
@@ -140,7 +147,10 @@ async fn a_replayed_row_syncs_once_the_customer_exists() {
         assert_eq!(run.exit_code(60).await, 1, "a failed row exits 1");
         let r = row(&db.pool, ids[version as usize - 1]).await;
         assert_eq!(r.sync_status, "failed");
-        assert_eq!(r.last_error_code.as_deref(), Some("CUSTOMER_NOT_FOUND_ERROR"));
+        assert_eq!(
+            r.last_error_code.as_deref(),
+            Some("CUSTOMER_NOT_FOUND_ERROR")
+        );
     }
 
     sandbox.set_faults(Faults::default()).unwrap();
@@ -167,14 +177,16 @@ async fn once_exits_1_when_a_row_cannot_be_mapped() {
     let db = TestDb::new().await;
     let sandbox = sandbox(Faults::default()).await;
     let mut bad = profile(&customer_id(25, 1), 1);
-    bad["phone"] = json!("12");
-    insert(&db.pool, &[profile(&customer_id(25, 2), 1), bad]).await;
+    bad["phone"] = json!("+0123");
+    let ids = insert(&db.pool, &[profile(&customer_id(25, 2), 1), bad]).await;
 
     let mut run = Daemon::start(&["run", "--once"], &env(&db, &sandbox, &[]));
 
     assert_eq!(run.exit_code(60).await, 1, "{}", run.stderr());
-    assert_eq!(count_of(&db, "synced").await, 1);
-    assert_eq!(count_of(&db, "failed").await, 1);
+    assert_eq!(row(&db.pool, ids[0]).await.sync_status, "synced");
+    let bad = row(&db.pool, ids[1]).await;
+    assert_eq!(bad.sync_status, "failed");
+    assert_eq!(bad.last_error_code.as_deref(), Some("invalid_profile"));
 }
 
 /// `run --dry-run` shows what would be sent, personal values redacted; it sends nothing
@@ -186,7 +198,11 @@ async fn a_dry_run_shows_redacted_requests_and_touches_nothing() {
     let (a, b) = (customer_id(26, 1), customer_id(26, 2));
     let mut bad = profile(&customer_id(26, 3), 1);
     bad["country"] = json!("ZZZ");
-    insert(&db.pool, &[profile(&a, 1), profile(&a, 2), profile(&b, 1), bad]).await;
+    insert(
+        &db.pool,
+        &[profile(&a, 1), profile(&a, 2), profile(&b, 1), bad],
+    )
+    .await;
     let before = rows(&db.pool).await;
 
     let mut run = Daemon::start(&["run", "--dry-run"], &env(&db, &sandbox, &[]));
@@ -195,7 +211,10 @@ async fn a_dry_run_shows_redacted_requests_and_touches_nothing() {
     let out = run.stdout();
     assert!(out.contains(&a) && out.contains(&b), "{out}");
     assert!(out.contains("[redacted]"), "{out}");
-    assert!(out.contains("country"), "the invalid row names its field: {out}");
+    assert!(
+        out.contains("country"),
+        "the invalid row names its field: {out}"
+    );
     for personal in ["@example.com", "+14155550100", "Lovelace", "Main St"] {
         assert!(!out.contains(personal), "{personal} in {out}");
     }
@@ -215,12 +234,8 @@ async fn a_dry_run_shows_redacted_requests_and_touches_nothing() {
 async fn sigterm_lets_requests_finish_and_leaves_nothing_in_flight() {
     let db = TestDb::new().await;
     let sandbox = sandbox(latency(1000)).await;
-    let customers: Vec<_> = (0..20).map(|n| profile(&customer_id(27, n), 1)).collect();
-    insert(&db.pool, &customers).await;
-    let mut daemon = Daemon::start(
-        &["run"],
-        &env(&db, &sandbox, &[("SYNC__CONCURRENCY", "4")]),
-    );
+    common::seed_customers(&db.pool, 27, 20).await;
+    let mut daemon = Daemon::start(&["run"], &env(&db, &sandbox, &[("SYNC__CONCURRENCY", "4")]));
     eventually(30, "rows are claimed", || async {
         count_of(&db, "in_flight").await > 0
     })
@@ -286,7 +301,11 @@ async fn logs_hold_no_key_and_no_personal_value() {
         bad_email["email"] = json!(personal[7]);
         let mut not_found = seed(9);
         not_found["customer_id"] = json!(missing);
-        insert(&db.pool, &[seed(1), seed(2), bad_phone, bad_email, not_found]).await;
+        insert(
+            &db.pool,
+            &[seed(1), seed(2), bad_phone, bad_email, not_found],
+        )
+        .await;
         let env = env(&db, &sandbox, &[("LOG__LEVEL", level)]);
 
         let mut run = Daemon::start(&["run", "--once"], &env);
@@ -297,7 +316,10 @@ async fn logs_hold_no_key_and_no_personal_value() {
         assert!(logs.contains("outbox_id"), "rows are named by id: {logs}");
         assert!(!logs.contains(API_KEY), "the API key at {level}");
         for value in personal {
-            assert!(!logs.contains(value), "{value:?} in the {level} log:\n{logs}");
+            assert!(
+                !logs.contains(value),
+                "{value:?} in the {level} log:\n{logs}"
+            );
         }
     }
 }

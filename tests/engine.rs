@@ -152,13 +152,33 @@ async fn a_bad_field_fails_its_row_and_the_line_goes_on() {
     // (customer, column, bad value, the field the error must name)
     let cases: Vec<(String, &str, Value, &str)> = vec![
         (customer_id(7, 1), "phone", json!("+0123"), "phone"),
-        (customer_id(7, 2), "email", json!("no-at-sign.example.com"), "email"),
+        (
+            customer_id(7, 2),
+            "email",
+            json!("no-at-sign.example.com"),
+            "email",
+        ),
         (customer_id(7, 3), "country", json!("XQZ"), "country"),
-        (customer_id(7, 4), "ltv_currency", json!("QQQ"), "ltv_currency"),
-        (customer_id(7, 5), "preferred_language", json!("klingon"), "preferred_language"),
+        (
+            customer_id(7, 4),
+            "ltv_currency",
+            json!("QQQ"),
+            "ltv_currency",
+        ),
+        (
+            customer_id(7, 5),
+            "preferred_language",
+            json!("klingon"),
+            "preferred_language",
+        ),
         (customer_id(7, 6), "metadata", json!([1, 2, 3]), "metadata"),
         (customer_id(7, 7), "metadata", json!("a string"), "metadata"),
-        (customer_id(7, 8), "metadata", Value::Object(huge), "metadata"),
+        (
+            customer_id(7, 8),
+            "metadata",
+            Value::Object(huge),
+            "metadata",
+        ),
         (customer_id(7, 9), "first_name", json!(big), "first_name"),
         ("a/b".into(), "customer_id", json!("a/b"), "customer_id"),
         ("../x".into(), "customer_id", json!("../x"), "customer_id"),
@@ -216,6 +236,16 @@ async fn answer(server: &MockServer, customer: &str, responses: Vec<ResponseTemp
         .await;
 }
 
+/// A row's end: status, error code, text in the message, attempts, and the HTTP status of
+/// each logged attempt.
+type Expected = (
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    i32,
+    &'static [Option<i32>],
+);
+
 fn error_body(status: u16, kind: &str, message: &str, param: Option<&str>) -> ResponseTemplate {
     let mut e = json!({"type": kind, "message": message});
     if let Some(p) = param {
@@ -249,20 +279,41 @@ async fn each_answer_moves_the_row_as_the_table_says() {
     answer(&server, &c(6), vec![unreadable]).await;
     answer(&server, &c(7), vec![always_503; 10]).await;
     answer(&server, &c(8), vec![]).await;
-    let ids = insert(&db.pool, &(1..=8).map(|n| profile(&c(n), 1)).collect::<Vec<_>>()).await;
+    let ids = insert(
+        &db.pool,
+        &(1..=8).map(|n| profile(&c(n), 1)).collect::<Vec<_>>(),
+    )
+    .await;
     let api = Url::parse(&server.uri()).unwrap();
 
     let summary = run_once(&db, &api, &[("SYNC__MAX_ATTEMPTS", "3")]).await;
 
-    // (status, error code, in the message, attempts, the HTTP status of each logged attempt)
-    let expect: [(&str, Option<&str>, &str, i32, &[Option<i32>]); 8] = [
-        ("failed", Some("INVALID_REQUEST_ERROR"), "email", 1, &[Some(400)]),
+    let expect: [Expected; 8] = [
+        (
+            "failed",
+            Some("INVALID_REQUEST_ERROR"),
+            "email",
+            1,
+            &[Some(400)],
+        ),
         ("failed", Some("VALIDATION_ERROR"), "phone", 1, &[Some(422)]),
-        ("failed", Some("CUSTOMER_NOT_FOUND_ERROR"), "", 1, &[Some(404)]),
+        (
+            "failed",
+            Some("CUSTOMER_NOT_FOUND_ERROR"),
+            "",
+            1,
+            &[Some(404)],
+        ),
         ("synced", None, "", 3, &[Some(500), Some(500), Some(200)]),
         ("synced", None, "", 2, &[Some(409), Some(200)]),
         ("synced", None, "", 2, &[Some(200), Some(200)]),
-        ("failed", Some("max_attempts_exceeded"), "down for maintenance", 3, &[Some(503); 3]),
+        (
+            "failed",
+            Some("max_attempts_exceeded"),
+            "down for maintenance",
+            3,
+            &[Some(503); 3],
+        ),
         ("synced", None, "", 1, &[Some(200)]),
     ];
     for (id, (status, code, message, n, http)) in ids.iter().zip(expect) {
@@ -270,12 +321,19 @@ async fn each_answer_moves_the_row_as_the_table_says() {
         assert_eq!(r.sync_status, status, "row {id}: {r:?}");
         assert_eq!(r.last_error_code.as_deref(), code, "row {id}");
         assert!(
-            r.last_error.as_deref().unwrap_or_default().contains(message),
+            r.last_error
+                .as_deref()
+                .unwrap_or_default()
+                .contains(message),
             "row {id}: {:?} lacks {message:?}",
             r.last_error
         );
         assert_eq!(r.attempts, n, "row {id}: attempts");
-        let logged: Vec<_> = attempts(&db.pool, *id).await.into_iter().map(|a| a.1).collect();
+        let logged: Vec<_> = attempts(&db.pool, *id)
+            .await
+            .into_iter()
+            .map(|a| a.1)
+            .collect();
         assert_eq!(logged, http, "row {id}: sync_attempts");
         assert_eq!(r.last_http_status, *http.last().unwrap(), "row {id}");
     }
@@ -298,16 +356,17 @@ async fn sync_state_keeps_sensitive_fields_only_when_configured() {
 
     // The sandbox does answer with them: dropping them is the daemon's doing.
     assert!(sandbox.customer(&plain).unwrap().get("ssn4").is_some());
-    let state: BTreeMap<String, (i64, Value, Option<Value>)> = sqlx::query_as::<_, (String, i64, Value, Option<Value>)>(
-        "SELECT customer_id, last_synced_outbox_id, response, statuses
+    let state: BTreeMap<String, (i64, Value, Option<Value>)> =
+        sqlx::query_as::<_, (String, i64, Value, Option<Value>)>(
+            "SELECT customer_id, last_synced_outbox_id, response, statuses
          FROM imprint_sync.customer_sync_state",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|(c, id, response, statuses)| (c, (id, response, statuses)))
-    .collect();
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(c, id, response, statuses)| (c, (id, response, statuses)))
+        .collect();
     let (id, response, statuses) = &state[&plain];
     assert_eq!(*id, first);
     assert_eq!(response["id"], json!(plain));
@@ -324,8 +383,7 @@ async fn sync_state_keeps_sensitive_fields_only_when_configured() {
 async fn no_transaction_stays_open_across_a_request() {
     let db = TestDb::new().await;
     let sandbox = sandbox(faults(500, 0.0)).await;
-    let customers: Vec<Value> = (0..24).map(|n| profile(&customer_id(11, n), 1)).collect();
-    insert(&db.pool, &customers).await;
+    common::seed_customers(&db.pool, 11, 24).await;
     let engine = common::engine(&db, &sandbox.base_url(), &[("SYNC__CONCURRENCY", "8")]);
     let run = tokio::spawn(async move { engine.run(CancellationToken::new()).await });
 
@@ -344,9 +402,12 @@ async fn no_transaction_stays_open_across_a_request() {
         .fetch_all(&mut admin)
         .await
         .unwrap();
-        assert!(offenders.is_empty(), "sessions of the daemon: {offenders:?}");
+        assert!(
+            offenders.is_empty(),
+            "sessions of the daemon: {offenders:?}"
+        );
         samples += 1;
-        if counts(&db.pool).await.get("in_flight").is_some() {
+        if counts(&db.pool).await.contains_key("in_flight") {
             with_rows_in_flight += 1;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -371,7 +432,8 @@ async fn the_janitor_deletes_only_old_finished_rows() {
         for status in statuses {
             let mut r = profile(&c, 1);
             r["sync_status"] = json!(status);
-            r["updated_at"] = json!((chrono::Utc::now() - chrono::Duration::days(age_days)).to_rfc3339());
+            r["updated_at"] =
+                json!((chrono::Utc::now() - chrono::Duration::days(age_days)).to_rfc3339());
             seeded.push(r);
         }
     }
@@ -405,7 +467,10 @@ async fn the_janitor_deletes_only_old_finished_rows() {
         .into_iter()
         .map(|r| (r.id, r.sync_status))
         .collect();
-    let kept_old = [(ids[2], "failed".to_owned()), (ids[3], "pending".to_owned())];
+    let kept_old = [
+        (ids[2], "failed".to_owned()),
+        (ids[3], "pending".to_owned()),
+    ];
     assert!(kept_old.iter().all(|k| left.contains(k)), "{left:?}");
     assert_eq!(left.len(), 6, "{left:?}");
     assert!(!left.iter().any(|(id, _)| *id == ids[0] || *id == ids[1]));

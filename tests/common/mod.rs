@@ -54,16 +54,21 @@ impl TestDb {
 
     /// A connection to the server's maintenance database.
     pub async fn admin(&self) -> PgConnection {
-        PgConnection::connect_with(&imprint_sync::db::connect_options(&self.admin_url).expect("admin url"))
-            .await
-            .expect("connecting to the maintenance database")
+        PgConnection::connect_with(
+            &imprint_sync::db::connect_options(&self.admin_url).expect("admin url"),
+        )
+        .await
+        .expect("connecting to the maintenance database")
     }
 
     /// Takes the database away as a server restart would (refuses new connections, ends the
     /// open ones) or brings it back; the server itself is shared, so it is never restarted.
     pub async fn set_available(&self, available: bool) {
         let mut admin = self.admin().await;
-        let alter = format!(r#"ALTER DATABASE "{}" ALLOW_CONNECTIONS {available}"#, self.name);
+        let alter = format!(
+            r#"ALTER DATABASE "{}" ALLOW_CONNECTIONS {available}"#,
+            self.name
+        );
         sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
             .execute(&mut admin)
             .await
@@ -96,7 +101,10 @@ impl Drop for TestDb {
                 .expect("runtime");
             rt.block_on(async move {
                 if let Err(e) = scratch.drop_now().await {
-                    eprintln!("warning: could not drop test database {}: {e:#}", scratch.name);
+                    eprintln!(
+                        "warning: could not drop test database {}: {e:#}",
+                        scratch.name
+                    );
                 }
             });
         })
@@ -157,7 +165,9 @@ async fn container() -> Option<String> {
     let port = node.get_host_port_ipv4(5432).await.ok()?;
     // Keep the container for the process's lifetime; it is removed when Docker reaps it.
     Box::leak(Box::new(node));
-    Some(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+    Some(format!(
+        "postgres://postgres:postgres@127.0.0.1:{port}/postgres"
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -191,7 +201,11 @@ pub fn test_env(database_url: &str, api: &Url) -> Vec<(String, String)> {
 
 /// `test_env` with `overrides` (`("SYNC__MAX_ATTEMPTS", "3")`: the `IMPRINT_SYNC__` prefix
 /// is added) applied on top.
-pub fn env_with(database_url: &str, api: &Url, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
+pub fn env_with(
+    database_url: &str,
+    api: &Url,
+    overrides: &[(&str, &str)],
+) -> Vec<(String, String)> {
     let mut env = test_env(database_url, api);
     for (k, v) in overrides {
         let key = format!("IMPRINT_SYNC__{k}");
@@ -222,9 +236,12 @@ pub fn engine(db: &TestDb, api: &Url, overrides: &[(&str, &str)]) -> Engine {
 /// Drains the outbox in this process, as `run --once` does; gives up after a minute.
 pub async fn run_once(db: &TestDb, api: &Url, overrides: &[(&str, &str)]) -> Summary {
     let engine = engine(db, api, overrides);
-    tokio::time::timeout(Duration::from_secs(60), engine.run(CancellationToken::new()))
-        .await
-        .expect("the engine drains the outbox within a minute")
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        engine.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the engine drains the outbox within a minute")
 }
 
 /// A sandbox on a free port of 127.0.0.1 that accepts [`API_KEY`].
@@ -269,7 +286,10 @@ pub async fn insert(pool: &PgPool, rows: &[Value]) -> Vec<i64> {
     let mut columns: Vec<&str> = Vec::new();
     for row in rows {
         for k in row.as_object().expect("a row is a JSON object").keys() {
-            assert!(k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()));
+            assert!(
+                k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+            );
             if !columns.contains(&k.as_str()) {
                 columns.push(k);
             }
@@ -362,7 +382,10 @@ pub async fn assert_newest_only(
         .filter(|(s, _)| !matches!(s.as_str(), "synced" | "superseded"))
         .map(|(_, n)| n)
         .sum();
-    assert_eq!(unfinished, 0, "rows neither synced nor superseded: {by_status:?}");
+    assert_eq!(
+        unfinished, 0,
+        "rows neither synced nor superseded: {by_status:?}"
+    );
     assert_eq!(by_status.get("synced").copied(), Some(newest.len() as i64));
     for (customer, version) in newest {
         let journal = sandbox.journal(customer);
@@ -374,6 +397,14 @@ pub async fn assert_newest_only(
         );
     }
     assert_eq!(sandbox.stats().max_concurrent_per_customer, 1, "G1");
+}
+
+/// Seeds `customers` customers with one version each.
+pub async fn seed_customers(pool: &PgPool, group: u32, customers: u32) {
+    let rows: Vec<Value> = (0..customers)
+        .map(|n| profile(&customer_id(group, n), 1))
+        .collect();
+    insert(pool, &rows).await;
 }
 
 /// Seeds `customers` customers with 1 to 5 versions each (interleaved, as real changes
@@ -431,9 +462,16 @@ impl Daemon {
     pub async fn exit_code(&mut self, secs: u64) -> i32 {
         let status = tokio::time::timeout(Duration::from_secs(secs), self.child.wait())
             .await
-            .unwrap_or_else(|_| panic!("imprint-sync still running after {secs} s; stderr:\n{}", self.stderr()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "imprint-sync still running after {secs} s; stderr:\n{}",
+                    self.stderr()
+                )
+            })
             .expect("waiting for imprint-sync");
-        status.code().unwrap_or_else(|| panic!("killed by a signal: {status:?}"))
+        status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {status:?}"))
     }
 
     /// SIGKILL: no chance to clean up.
@@ -468,7 +506,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
