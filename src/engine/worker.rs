@@ -53,6 +53,8 @@ async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Recor
     let request = match profile::map_row(row) {
         Ok(r) => r,
         Err(e) => {
+            // A row that fails here fails the run too (`run --once` exits 1).
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 error_code = "invalid_profile",
                 field = e.field,

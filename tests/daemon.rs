@@ -1,0 +1,325 @@
+//! The built binary as a process: several replicas, kill -9, a database that goes away,
+//! signals, the run modes and their exit codes, and what it writes to its logs.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{
+    API_KEY, Daemon, TestDb, counts, customer_id, env_with, eventually, insert, profile, row, rows,
+    sandbox, version_of,
+};
+use imprint_sync::sandbox::{Faults, SandboxHandle};
+use serde_json::json;
+
+fn latency(ms: u64) -> Faults {
+    Faults {
+        latency_ms: ms,
+        ..Faults::default()
+    }
+}
+
+fn env(db: &TestDb, sandbox: &SandboxHandle, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
+    env_with(&db.url, &sandbox.base_url(), overrides)
+}
+
+async fn count_of(db: &TestDb, status: &str) -> i64 {
+    counts(&db.pool).await.get(status).copied().unwrap_or(0)
+}
+
+/// G1 + G3 across replicas: two processes drain one outbox at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_send_only_the_newest_one_at_a_time() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults {
+        latency_ms: 20,
+        fail_rate: 0.1,
+        ..Faults::default()
+    })
+    .await;
+    let newest = common::seed_versions(&db.pool, 21, 300).await;
+    let env = env(
+        &db,
+        &sandbox,
+        &[("SYNC__BATCH_SIZE", "25"), ("SYNC__CONCURRENCY", "16")],
+    );
+
+    let mut a = Daemon::start(&["run", "--once"], &env);
+    let mut b = Daemon::start(&["run", "--once"], &env);
+    assert_eq!(a.exit_code(90).await, 0, "{}", a.stderr());
+    assert_eq!(b.exit_code(90).await, 0, "{}", b.stderr());
+
+    common::assert_newest_only(&db.pool, &sandbox, &newest).await;
+    let workers: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT worker_id) FROM imprint_sync.sync_attempts")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(workers, 2, "both processes sent requests");
+}
+
+/// G4/G5: kill -9 with requests in flight, then a restart: every row ends synced, newest
+/// version only, never two requests at once for a customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_loses_nothing_after_a_restart() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(latency(300)).await;
+    let newest = common::seed_versions(&db.pool, 22, 60).await;
+    let env = env(
+        &db,
+        &sandbox,
+        &[
+            ("SYNC__CONCURRENCY", "8"),
+            ("API__TIMEOUT_MS", "1000"),
+            ("SYNC__LEASE_MS", "6500"),
+        ],
+    );
+
+    let mut first = Daemon::start(&["run"], &env);
+    eventually(30, "some rows are synced", || async {
+        count_of(&db, "synced").await >= 8
+    })
+    .await;
+    first.kill9().await;
+    let in_flight = count_of(&db, "in_flight").await;
+    assert!(
+        in_flight > 0,
+        "the kill left no row in flight: nothing was proved"
+    );
+
+    let mut second = Daemon::start(&["run", "--once"], &env);
+    assert_eq!(second.exit_code(90).await, 0, "{}", second.stderr());
+
+    common::assert_newest_only(&db.pool, &sandbox, &newest).await;
+}
+
+/// G5: the database goes away for a few seconds mid-run (as in a restart); the daemon waits,
+/// says so, and finishes with every row synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_outlives_a_database_outage() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(latency(250)).await;
+    common::seed_customers(&db.pool, 23, 60).await;
+    let env = env(
+        &db,
+        &sandbox,
+        &[("SYNC__CONCURRENCY", "4"), ("SYNC__BATCH_SIZE", "4")],
+    );
+
+    let mut daemon = Daemon::start(&["run", "--once"], &env);
+    eventually(30, "some rows are synced", || async {
+        count_of(&db, "synced").await >= 4
+    })
+    .await;
+    db.set_available(false).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    db.set_available(true).await;
+
+    let code = daemon.exit_code(90).await;
+    let stderr = daemon.stderr();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("database unavailable"), "{stderr}");
+    assert_eq!(
+        count_of(&db, "synced").await,
+        60,
+        "{:?}",
+        counts(&db.pool).await
+    );
+}
+
+/// 404 fails the row (exit 1); once the customer exists, `run --replay-failed --once` sends
+/// the newest failed row and supersedes the older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_row_syncs_once_the_customer_exists() {
+    let db = TestDb::new().await;
+    let c = customer_id(24, 1);
+    let sandbox = sandbox(Faults {
+        not_found: [c.clone()].into(),
+        ..Faults::default()
+    })
+    .await;
+    let env = env(&db, &sandbox, &[]);
+    let mut ids = Vec::new();
+    for version in 1..=2 {
+        ids.extend(insert(&db.pool, &[profile(&c, version)]).await);
+        let mut run = Daemon::start(&["run", "--once"], &env);
+        assert_eq!(run.exit_code(60).await, 1, "a failed row exits 1");
+        let r = row(&db.pool, ids[version as usize - 1]).await;
+        assert_eq!(r.sync_status, "failed");
+        assert_eq!(
+            r.last_error_code.as_deref(),
+            Some("CUSTOMER_NOT_FOUND_ERROR")
+        );
+    }
+
+    sandbox.set_faults(Faults::default()).unwrap();
+    let mut replay = Daemon::start(&["run", "--replay-failed", "--once"], &env);
+    assert_eq!(replay.exit_code(60).await, 0, "{}", replay.stderr());
+
+    let out = replay.stdout();
+    assert!(out.contains("1 failed rows back to pending"), "{out}");
+    assert!(out.contains("1 older failed rows superseded"), "{out}");
+    let (old, new) = (row(&db.pool, ids[0]).await, row(&db.pool, ids[1]).await);
+    assert_eq!((new.sync_status.as_str(), new.attempts), ("synced", 1));
+    assert_eq!(
+        (old.sync_status.as_str(), old.superseded_by),
+        ("superseded", Some(ids[1]))
+    );
+    let journal = sandbox.journal(&c);
+    assert_eq!(journal.last().and_then(version_of), Some(2));
+    assert!(sandbox.customer(&c).is_some());
+}
+
+/// `run --once` exits 1 when a row failed in the run, a row that could not be mapped too.
+#[tokio::test]
+async fn once_exits_1_when_a_row_cannot_be_mapped() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let mut bad = profile(&customer_id(25, 1), 1);
+    bad["phone"] = json!("+0123");
+    let ids = insert(&db.pool, &[profile(&customer_id(25, 2), 1), bad]).await;
+
+    let mut run = Daemon::start(&["run", "--once"], &env(&db, &sandbox, &[]));
+
+    assert_eq!(run.exit_code(60).await, 1, "{}", run.stderr());
+    assert_eq!(row(&db.pool, ids[0]).await.sync_status, "synced");
+    let bad = row(&db.pool, ids[1]).await;
+    assert_eq!(bad.sync_status, "failed");
+    assert_eq!(bad.last_error_code.as_deref(), Some("invalid_profile"));
+}
+
+/// `run --dry-run` shows what would be sent, personal values redacted; it sends nothing
+/// and changes nothing.
+#[tokio::test]
+async fn a_dry_run_shows_redacted_requests_and_touches_nothing() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let (a, b) = (customer_id(26, 1), customer_id(26, 2));
+    let mut bad = profile(&customer_id(26, 3), 1);
+    bad["country"] = json!("ZZZ");
+    insert(
+        &db.pool,
+        &[profile(&a, 1), profile(&a, 2), profile(&b, 1), bad],
+    )
+    .await;
+    let before = rows(&db.pool).await;
+
+    let mut run = Daemon::start(&["run", "--dry-run"], &env(&db, &sandbox, &[]));
+
+    assert_eq!(run.exit_code(60).await, 0, "{}", run.stderr());
+    let out = run.stdout();
+    assert!(out.contains(&a) && out.contains(&b), "{out}");
+    assert!(out.contains("[redacted]"), "{out}");
+    assert!(
+        out.contains("country"),
+        "the invalid row names its field: {out}"
+    );
+    for personal in ["@example.com", "+14155550100", "Lovelace", "Main St"] {
+        assert!(!out.contains(personal), "{personal} in {out}");
+    }
+    assert_eq!(sandbox.stats().requests_total, 0);
+    let after = rows(&db.pool).await;
+    let state = |rs: &[common::RowState]| -> Vec<(i64, String, i32)> {
+        rs.iter()
+            .map(|r| (r.id, r.sync_status.clone(), r.attempts))
+            .collect()
+    };
+    assert_eq!(state(&after), state(&before));
+    assert!(after.iter().all(|r| r.sync_status == "pending"));
+}
+
+/// SIGTERM while requests are in flight: they finish, nothing is left `in_flight`, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_finish_and_leaves_nothing_in_flight() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(latency(1000)).await;
+    common::seed_customers(&db.pool, 27, 20).await;
+    let mut daemon = Daemon::start(&["run"], &env(&db, &sandbox, &[("SYNC__CONCURRENCY", "4")]));
+    eventually(30, "rows are claimed", || async {
+        count_of(&db, "in_flight").await > 0
+    })
+    .await;
+    // Let the first requests reach the sandbox, then stop while they wait for answers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.signal("TERM");
+
+    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
+    assert_eq!(count_of(&db, "in_flight").await, 0);
+    let synced: BTreeSet<String> = rows(&db.pool)
+        .await
+        .into_iter()
+        .filter(|r| r.sync_status == "synced")
+        .map(|r| r.customer_id)
+        .collect();
+    assert!(!synced.is_empty(), "no request in flight finished");
+    let sent: BTreeSet<String> = (0..20)
+        .map(|n| customer_id(27, n))
+        .filter(|c| !sandbox.journal(c).is_empty())
+        .collect();
+    assert_eq!(sent, synced, "every request sent finished and was recorded");
+    assert!(synced.len() < 20, "the stop came after the work was done");
+    // Rows claimed but never sent went back untouched.
+    assert_eq!(count_of(&db, "pending").await, 20 - synced.len() as i64);
+}
+
+/// G8: at info and at debug, the logs hold neither the API key nor a personal value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_hold_no_key_and_no_personal_value() {
+    let db = TestDb::new().await;
+    let missing = customer_id(28, 9);
+    let sandbox = sandbox(Faults {
+        fail_rate: 0.3,
+        not_found: [missing.clone()].into(),
+        ..Faults::default()
+    })
+    .await;
+    let personal = [
+        "zelda.canary@example.org",
+        "+14155550199",
+        "Zelda",
+        "Quuxington",
+        "742 Evergreen Terrace",
+        "Shelbyville",
+        "+0999888777",
+        "bad@@canary",
+    ];
+    let seed = |n: u32| {
+        let mut p = profile(&customer_id(28, n), 1);
+        p["email"] = json!(personal[0]);
+        p["phone"] = json!(personal[1]);
+        p["first_name"] = json!(personal[2]);
+        p["last_name"] = json!(personal[3]);
+        p["street_line1"] = json!(personal[4]);
+        p["city"] = json!(personal[5]);
+        p
+    };
+    for level in ["info", "debug"] {
+        let mut bad_phone = seed(7);
+        bad_phone["phone"] = json!(personal[6]);
+        let mut bad_email = seed(8);
+        bad_email["email"] = json!(personal[7]);
+        let mut not_found = seed(9);
+        not_found["customer_id"] = json!(missing);
+        insert(
+            &db.pool,
+            &[seed(1), seed(2), bad_phone, bad_email, not_found],
+        )
+        .await;
+        let env = env(&db, &sandbox, &[("LOG__LEVEL", level)]);
+
+        let mut run = Daemon::start(&["run", "--once"], &env);
+
+        assert_eq!(run.exit_code(60).await, 1);
+        let logs = run.stderr();
+        assert!(logs.contains("imprint-sync running"), "{logs}");
+        assert!(logs.contains("outbox_id"), "rows are named by id: {logs}");
+        assert!(!logs.contains(API_KEY), "the API key at {level}");
+        for value in personal {
+            assert!(
+                !logs.contains(value),
+                "{value:?} in the {level} log:\n{logs}"
+            );
+        }
+    }
+}

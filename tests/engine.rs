@@ -1,0 +1,483 @@
+//! The engine's guarantees (DESIGN §1) and answer table (§3), driven in this process against
+//! a real PostgreSQL and a real HTTP server (the sandbox, or wiremock for exact answers).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{
+    TestDb, attempts, counts, customer_id, insert, profile, row, rows, run_once, sandbox,
+    version_of,
+};
+use imprint_sync::outbox::store::Store;
+use imprint_sync::sandbox::Faults;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn faults(latency_ms: u64, fail_rate: f64) -> Faults {
+    Faults {
+        latency_ms,
+        fail_rate,
+        ..Faults::default()
+    }
+}
+
+/// G1 + G3: many customers with several versions each, one request in five answered 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_newest_version_is_sent_one_request_at_a_time() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(faults(2, 0.1)).await;
+    let newest = common::seed_versions(&db.pool, 1, 300).await;
+    let total: u32 = newest.values().sum();
+
+    let summary = run_once(&db, &sandbox.base_url(), &[]).await;
+
+    common::assert_newest_only(&db.pool, &sandbox, &newest).await;
+    assert_eq!(summary.synced, 300);
+    assert_eq!(summary.failed, 0);
+    assert_eq!(summary.superseded, u64::from(total) - 300);
+    assert!(summary.retried > 0, "a 10% failure rate retried nothing");
+}
+
+/// G3: three pending versions of one customer make one request; the older two are
+/// superseded by the newest without a request.
+#[tokio::test]
+async fn pending_versions_coalesce_into_one_request() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let c = customer_id(3, 1);
+    let ids = insert(&db.pool, &[profile(&c, 1), profile(&c, 2), profile(&c, 3)]).await;
+
+    run_once(&db, &sandbox.base_url(), &[]).await;
+
+    assert_eq!(sandbox.stats().requests_total, 1);
+    let sent: Vec<_> = sandbox.journal(&c).iter().map(version_of).collect();
+    assert_eq!(sent, [Some(3)]);
+    for old in &ids[..2] {
+        let r = row(&db.pool, *old).await;
+        assert_eq!(
+            (r.sync_status.as_str(), r.superseded_by),
+            ("superseded", Some(ids[2]))
+        );
+        assert!(attempts(&db.pool, *old).await.is_empty());
+    }
+    assert_eq!(row(&db.pool, ids[2]).await.sync_status, "synced");
+}
+
+/// G2: a row older than the customer's last synced row is superseded and never sent, even
+/// when it arrives later.
+#[tokio::test]
+async fn a_row_older_than_the_last_synced_one_is_never_sent() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let c = customer_id(2, 1);
+    let mut v1 = profile(&c, 1);
+    v1["id"] = json!(10);
+    let mut v2 = profile(&c, 2);
+    v2["id"] = json!(20);
+    insert(&db.pool, &[v1, v2]).await;
+    run_once(&db, &sandbox.base_url(), &[]).await;
+    assert_eq!(row(&db.pool, 20).await.sync_status, "synced");
+    let before = sandbox.journal(&c);
+
+    // A late row with a lower id (a partner's slow transaction, a restored backup).
+    let mut late = profile(&c, 9);
+    late["id"] = json!(15);
+    insert(&db.pool, &[late]).await;
+    let summary = run_once(&db, &sandbox.base_url(), &[]).await;
+
+    let r = row(&db.pool, 15).await;
+    assert_eq!(
+        (r.sync_status.as_str(), r.superseded_by),
+        ("superseded", Some(20))
+    );
+    assert_eq!(summary.superseded, 1);
+    assert_eq!(sandbox.journal(&c), before, "the older row was sent");
+    assert!(attempts(&db.pool, 15).await.is_empty());
+    let last: i64 = sqlx::query_scalar(
+        "SELECT last_synced_outbox_id FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
+    )
+    .bind(&c)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(last, 20);
+}
+
+/// G4: a row left `in_flight` by a dead worker is taken again once its lease has expired.
+#[tokio::test]
+async fn an_expired_lease_is_taken_again() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let c = customer_id(4, 1);
+    let id = insert(&db.pool, &[profile(&c, 1)]).await[0];
+    sqlx::query(
+        "UPDATE imprint_sync.customer_outbox
+         SET sync_status = 'in_flight', leased_by = 'dead-worker',
+             lease_expires_at = now() - interval '1 second'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    run_once(&db, &sandbox.base_url(), &[]).await;
+
+    assert_eq!(row(&db.pool, id).await.sync_status, "synced");
+    assert_eq!(sandbox.journal(&c).len(), 1);
+    let worker: String =
+        sqlx::query_scalar("SELECT worker_id FROM imprint_sync.sync_attempts WHERE outbox_id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_ne!(worker, "dead-worker");
+}
+
+/// G7: each kind of bad value fails its own row (naming the field, without a request) and
+/// the rows around it are synced.
+#[tokio::test]
+async fn a_bad_field_fails_its_row_and_the_line_goes_on() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let big = "x".repeat(300);
+    let huge: serde_json::Map<String, Value> = (0..20)
+        .map(|i| (format!("k{i}"), Value::String("y".repeat(1000))))
+        .collect();
+    // (customer, column, bad value, the field the error must name)
+    let cases: Vec<(String, &str, Value, &str)> = vec![
+        (customer_id(7, 1), "phone", json!("+0123"), "phone"),
+        (
+            customer_id(7, 2),
+            "email",
+            json!("no-at-sign.example.com"),
+            "email",
+        ),
+        (customer_id(7, 3), "country", json!("XQZ"), "country"),
+        (
+            customer_id(7, 4),
+            "ltv_currency",
+            json!("QQQ"),
+            "ltv_currency",
+        ),
+        (
+            customer_id(7, 5),
+            "preferred_language",
+            json!("klingon"),
+            "preferred_language",
+        ),
+        (customer_id(7, 6), "metadata", json!([1, 2, 3]), "metadata"),
+        (customer_id(7, 7), "metadata", json!("a string"), "metadata"),
+        (
+            customer_id(7, 8),
+            "metadata",
+            Value::Object(huge),
+            "metadata",
+        ),
+        (customer_id(7, 9), "first_name", json!(big), "first_name"),
+        ("a/b".into(), "customer_id", json!("a/b"), "customer_id"),
+        ("../x".into(), "customer_id", json!("../x"), "customer_id"),
+    ];
+    let mut seeded = vec![profile(&customer_id(8, 0), 1)];
+    for (i, (c, column, value, _)) in cases.iter().enumerate() {
+        let mut bad = profile(c, 1);
+        bad[*column] = value.clone();
+        seeded.push(bad);
+        seeded.push(profile(&customer_id(8, i as u32 + 1), 1));
+    }
+    let ids = insert(&db.pool, &seeded).await;
+
+    let summary = run_once(&db, &sandbox.base_url(), &[]).await;
+
+    for (i, (c, _, value, field)) in cases.iter().enumerate() {
+        let r = row(&db.pool, ids[2 * i + 1]).await;
+        assert_eq!(r.sync_status, "failed", "{field}");
+        assert_eq!(r.last_error_code.as_deref(), Some("invalid_profile"));
+        let message = r.last_error.unwrap_or_default();
+        assert!(message.contains(field), "{message:?} does not name {field}");
+        if let Some(v) = value.as_str().filter(|v| v.len() > 3) {
+            assert!(!message.contains(v), "{message:?} echoes the value");
+        }
+        assert!(sandbox.journal(c).is_empty(), "{field}: a request was sent");
+        assert!(attempts(&db.pool, r.id).await.is_empty());
+    }
+    let good = cases.len() + 1;
+    assert_eq!(counts(&db.pool).await.get("synced"), Some(&(good as i64)));
+    assert_eq!(sandbox.stats().requests_total, good as u64);
+    assert_eq!(summary.failed, cases.len() as u64);
+}
+
+fn customer_body(id: &str) -> Value {
+    json!({"id": id, "statuses": {"Imprint Card": "OPEN"}, "updated_at": "2026-01-02T03:04:05Z"})
+}
+
+/// Answers `responses` in order for `customer`, then a customer object for ever.
+async fn answer(server: &MockServer, customer: &str, responses: Vec<ResponseTemplate>) {
+    let route = format!("/v2/customers/{customer}");
+    for (i, r) in responses.into_iter().enumerate() {
+        Mock::given(method("POST"))
+            .and(path(route.clone()))
+            .respond_with(r)
+            .up_to_n_times(1)
+            .with_priority(i as u8 + 1)
+            .mount(server)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path(route))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer_body(customer)))
+        .with_priority(u8::MAX)
+        .mount(server)
+        .await;
+}
+
+/// A row's end: status, error code, text in the message, attempts, and the HTTP status of
+/// each logged attempt.
+type Expected = (
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    i32,
+    &'static [Option<i32>],
+);
+
+fn error_body(status: u16, kind: &str, message: &str, param: Option<&str>) -> ResponseTemplate {
+    let mut e = json!({"type": kind, "message": message});
+    if let Some(p) = param {
+        e["param"] = json!(p);
+    }
+    ResponseTemplate::new(status).set_body_json(json!({ "error": e }))
+}
+
+/// §3 through the engine: what each answer does to the row, and one `sync_attempts` row per
+/// HTTP attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_answer_moves_the_row_as_the_table_says() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let invalid = error_body(400, "INVALID_REQUEST_ERROR", "bad email", Some("email"));
+    let unprocessable = error_body(422, "VALIDATION_ERROR", "bad phone", Some("phone"));
+    // No body at all: the status alone must say "customer not found".
+    let not_found = ResponseTemplate::new(404);
+    let boom = || error_body(500, "API_ERROR", "it broke", None);
+    let conflict = error_body(409, "CONFLICT_ERROR", "try again", None);
+    let unreadable = ResponseTemplate::new(200).set_body_string("<html>oops</html>");
+    let always_503 = error_body(503, "UNAVAILABLE", "down for maintenance", None);
+
+    // Each customer gets its answers in order, then a 200 with a customer object.
+    let c = |n| customer_id(9, n);
+    answer(&server, &c(1), vec![invalid]).await;
+    answer(&server, &c(2), vec![unprocessable]).await;
+    answer(&server, &c(3), vec![not_found]).await;
+    answer(&server, &c(4), vec![boom(), boom()]).await;
+    answer(&server, &c(5), vec![conflict]).await;
+    answer(&server, &c(6), vec![unreadable]).await;
+    answer(&server, &c(7), vec![always_503; 10]).await;
+    answer(&server, &c(8), vec![]).await;
+    let ids = insert(
+        &db.pool,
+        &(1..=8).map(|n| profile(&c(n), 1)).collect::<Vec<_>>(),
+    )
+    .await;
+    let api = Url::parse(&server.uri()).unwrap();
+
+    let summary = run_once(&db, &api, &[("SYNC__MAX_ATTEMPTS", "3")]).await;
+
+    let expect: [Expected; 8] = [
+        (
+            "failed",
+            Some("INVALID_REQUEST_ERROR"),
+            "email",
+            1,
+            &[Some(400)],
+        ),
+        ("failed", Some("VALIDATION_ERROR"), "phone", 1, &[Some(422)]),
+        (
+            "failed",
+            Some("CUSTOMER_NOT_FOUND_ERROR"),
+            "",
+            1,
+            &[Some(404)],
+        ),
+        ("synced", None, "", 3, &[Some(500), Some(500), Some(200)]),
+        ("synced", None, "", 2, &[Some(409), Some(200)]),
+        ("synced", None, "", 2, &[Some(200), Some(200)]),
+        (
+            "failed",
+            Some("max_attempts_exceeded"),
+            "down for maintenance",
+            3,
+            &[Some(503); 3],
+        ),
+        ("synced", None, "", 1, &[Some(200)]),
+    ];
+    for (id, (status, code, message, n, http)) in ids.iter().zip(expect) {
+        let r = row(&db.pool, *id).await;
+        assert_eq!(r.sync_status, status, "row {id}: {r:?}");
+        assert_eq!(r.last_error_code.as_deref(), code, "row {id}");
+        assert!(
+            r.last_error
+                .as_deref()
+                .unwrap_or_default()
+                .contains(message),
+            "row {id}: {:?} lacks {message:?}",
+            r.last_error
+        );
+        assert_eq!(r.attempts, n, "row {id}: attempts");
+        let logged: Vec<_> = attempts(&db.pool, *id)
+            .await
+            .into_iter()
+            .map(|a| a.1)
+            .collect();
+        assert_eq!(logged, http, "row {id}: sync_attempts");
+        assert_eq!(r.last_http_status, *http.last().unwrap(), "row {id}");
+    }
+    assert_eq!(summary.failed, 4);
+    assert_eq!(summary.synced, 4);
+}
+
+/// After a sync, `customer_sync_state` holds Imprint's view without `ssn4` and
+/// `date_of_birth`, unless configured to keep them.
+#[tokio::test]
+async fn sync_state_keeps_sensitive_fields_only_when_configured() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let (plain, kept) = (customer_id(10, 1), customer_id(10, 2));
+    let first = insert(&db.pool, &[profile(&plain, 1)]).await[0];
+    run_once(&db, &sandbox.base_url(), &[]).await;
+    let second = insert(&db.pool, &[profile(&kept, 1)]).await[0];
+    let keep = [("PRIVACY__STORE_SENSITIVE_RESPONSE_FIELDS", "true")];
+    run_once(&db, &sandbox.base_url(), &keep).await;
+
+    // The sandbox does answer with them: dropping them is the daemon's doing.
+    assert!(sandbox.customer(&plain).unwrap().get("ssn4").is_some());
+    let state: BTreeMap<String, (i64, Value, Option<Value>)> =
+        sqlx::query_as::<_, (String, i64, Value, Option<Value>)>(
+            "SELECT customer_id, last_synced_outbox_id, response, statuses
+         FROM imprint_sync.customer_sync_state",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(c, id, response, statuses)| (c, (id, response, statuses)))
+        .collect();
+    let (id, response, statuses) = &state[&plain];
+    assert_eq!(*id, first);
+    assert_eq!(response["id"], json!(plain));
+    assert!(response.get("ssn4").is_none() && response.get("date_of_birth").is_none());
+    assert_eq!(statuses.as_ref(), Some(&json!({"Imprint Card": "OPEN"})));
+    let (id, response, _) = &state[&kept];
+    assert_eq!(*id, second);
+    assert!(response.get("ssn4").is_some() && response.get("date_of_birth").is_some());
+}
+
+/// G6: while requests are in flight, no session of the daemon sits in a transaction and no
+/// statement runs long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_transaction_stays_open_across_a_request() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(faults(500, 0.0)).await;
+    common::seed_customers(&db.pool, 11, 24).await;
+    let engine = common::engine(&db, &sandbox.base_url(), &[("SYNC__CONCURRENCY", "8")]);
+    let run = tokio::spawn(async move { engine.run(CancellationToken::new()).await });
+
+    let mut admin = db.admin().await;
+    let (mut samples, mut with_rows_in_flight) = (0, 0);
+    while !run.is_finished() {
+        let offenders: Vec<(String, Option<String>, f64)> = sqlx::query_as(
+            "SELECT state, left(query, 80),
+                    extract(epoch FROM now() - COALESCE(query_start, xact_start))::float8
+             FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()
+               AND (state LIKE 'idle in transaction%'
+                    OR (state = 'active' AND now() - query_start > interval '200 milliseconds'))",
+        )
+        .bind(&db.name)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(
+            offenders.is_empty(),
+            "sessions of the daemon: {offenders:?}"
+        );
+        samples += 1;
+        if counts(&db.pool).await.contains_key("in_flight") {
+            with_rows_in_flight += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let summary = run.await.unwrap();
+    assert_eq!(summary.synced, 24);
+    assert!(
+        with_rows_in_flight >= 3,
+        "only {with_rows_in_flight} of {samples} samples saw rows in flight"
+    );
+}
+
+/// Retention deletes old `synced` and `superseded` rows and old attempts, in batches, and
+/// never a `failed`, `pending` or recent row.
+#[tokio::test]
+async fn the_janitor_deletes_only_old_finished_rows() {
+    let db = TestDb::new().await;
+    let c = customer_id(12, 1);
+    let statuses = ["synced", "superseded", "failed", "pending"];
+    let mut seeded = Vec::new();
+    for age_days in [40, 1] {
+        for status in statuses {
+            let mut r = profile(&c, 1);
+            r["sync_status"] = json!(status);
+            r["updated_at"] =
+                json!((chrono::Utc::now() - chrono::Duration::days(age_days)).to_rfc3339());
+            seeded.push(r);
+        }
+    }
+    let ids = insert(&db.pool, &seeded).await;
+    for (days, outbox_id) in [(20, ids[0]), (20, ids[1]), (2, ids[4])] {
+        sqlx::query(
+            "INSERT INTO imprint_sync.sync_attempts
+                (outbox_id, customer_id, attempt, started_at, duration_ms, outcome, worker_id)
+             VALUES ($1, $2, 1, now() - $3 * interval '1 day', 5, 'synced', 'w')",
+        )
+        .bind(outbox_id)
+        .bind(&c)
+        .bind(days)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let store = Store::new(db.pool.clone(), "janitor-test");
+
+    let mut deleted = 0;
+    loop {
+        match store.prune(30, 14, 1).await.unwrap() {
+            0 => break,
+            n => deleted += n,
+        }
+    }
+
+    assert_eq!(deleted, 4, "two old finished rows and two old attempts");
+    let left: Vec<(i64, String)> = rows(&db.pool)
+        .await
+        .into_iter()
+        .map(|r| (r.id, r.sync_status))
+        .collect();
+    let kept_old = [
+        (ids[2], "failed".to_owned()),
+        (ids[3], "pending".to_owned()),
+    ];
+    assert!(kept_old.iter().all(|k| left.contains(k)), "{left:?}");
+    assert_eq!(left.len(), 6, "{left:?}");
+    assert!(!left.iter().any(|(id, _)| *id == ids[0] || *id == ids[1]));
+    let attempts_left: Vec<i64> =
+        sqlx::query_scalar("SELECT outbox_id FROM imprint_sync.sync_attempts")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts_left, [ids[4]]);
+}
