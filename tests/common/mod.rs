@@ -3,12 +3,17 @@
 //! started with testcontainers.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use imprint_sync::db::ScratchDatabase;
-use sqlx::PgPool;
+use imprint_sync::sandbox::{self, Faults, SandboxHandle};
+use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use url::Url;
 
 const LOCAL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -16,6 +21,10 @@ const LOCAL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub struct TestDb {
     pub pool: PgPool,
     pub url: String,
+    /// The database's name (for `pg_stat_activity` and `ALTER DATABASE`).
+    pub name: String,
+    /// The server's maintenance database, for statements about this one.
+    pub admin_url: String,
     scratch: Option<ScratchDatabase>,
 }
 
@@ -47,7 +56,42 @@ impl TestDb {
         Self {
             pool,
             url: scratch.url.clone(),
+            name: scratch.name.clone(),
+            admin_url: admin,
             scratch: Some(scratch),
+        }
+    }
+
+    /// A connection to the server's maintenance database.
+    pub async fn admin(&self) -> PgConnection {
+        PgConnection::connect_with(
+            &imprint_sync::db::connect_options(&self.admin_url).expect("admin url"),
+        )
+        .await
+        .expect("connecting to the maintenance database")
+    }
+
+    /// Takes the database away as a server restart would (refuses new connections, ends the
+    /// open ones) or brings it back; the server itself is shared, so it is never restarted.
+    pub async fn set_available(&self, available: bool) {
+        let mut admin = self.admin().await;
+        let alter = format!(
+            r#"ALTER DATABASE "{}" ALLOW_CONNECTIONS {available}"#,
+            self.name
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
+            .execute(&mut admin)
+            .await
+            .expect("ALTER DATABASE");
+        if !available {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&self.name)
+            .execute(&mut admin)
+            .await
+            .expect("ending the database's sessions");
         }
     }
 }
@@ -78,8 +122,9 @@ impl Drop for TestDb {
     }
 }
 
-/// The server to create test databases on, found once per test binary.
-async fn admin_url() -> String {
+/// The server to create test databases on (its maintenance database), found once per test
+/// binary.
+pub async fn admin_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
     if let Some(url) = URL.get() {
         return url.clone();
@@ -160,4 +205,250 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+// ---------------------------------------------------------------------------------------
+// Engine harness: configuration, the in-process engine, the binary as a process, outbox
+// rows and what became of them.
+
+/// The API key every engine test uses; distinctive, so a leak into a log is found by grep.
+pub const API_KEY: &str = "sk_test_Zq8wLEAKCANARY41";
+
+/// The environment a test gives the daemon: its database and API, retries that come due
+/// quickly, a rate limit that never gets in the way, and no fixed admin port.
+pub fn test_env(database_url: &str, api: &Url) -> Vec<(String, String)> {
+    [
+        ("DATABASE_URL", database_url),
+        ("IMPRINT_SYNC__API__BASE_URL", api.as_str()),
+        ("IMPRINT_SYNC__API__KEY", API_KEY),
+        ("IMPRINT_SYNC__API__TIMEOUT_MS", "3000"),
+        ("IMPRINT_SYNC__API__CONNECT_TIMEOUT_MS", "1000"),
+        ("IMPRINT_SYNC__SYNC__LEASE_MS", "8000"),
+        ("IMPRINT_SYNC__SYNC__BACKOFF_BASE_MS", "10"),
+        ("IMPRINT_SYNC__SYNC__BACKOFF_MAX_MS", "200"),
+        ("IMPRINT_SYNC__SYNC__POLL_INTERVAL_MS", "200"),
+        ("IMPRINT_SYNC__RATE_LIMIT__REQUESTS_PER_SECOND", "5000"),
+        ("IMPRINT_SYNC__RATE_LIMIT__BURST", "500"),
+        ("IMPRINT_SYNC__ADMIN__LISTEN", "127.0.0.1:0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// `test_env` with `overrides` (`("SYNC__MAX_ATTEMPTS", "3")`: the `IMPRINT_SYNC__` prefix
+/// is added) applied on top.
+pub fn env_with(
+    database_url: &str,
+    api: &Url,
+    overrides: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env = test_env(database_url, api);
+    for (k, v) in overrides {
+        let key = format!("IMPRINT_SYNC__{k}");
+        env.retain(|(existing, _)| *existing != key);
+        env.push((key, (*v).to_owned()));
+    }
+    env
+}
+
+/// A sandbox on a free port of 127.0.0.1 that accepts [`API_KEY`].
+pub async fn sandbox(faults: Faults) -> SandboxHandle {
+    sandbox::spawn_local(API_KEY, faults)
+        .await
+        .expect("starting the sandbox")
+}
+
+/// An upper-case, UUID-like customer id, distinct per `(group, n)`.
+pub fn customer_id(group: u32, n: u32) -> String {
+    format!("{group:08X}-5EED-4A1B-9C0D-{n:012X}")
+}
+
+/// A valid profile change for `customer`, version `version`: the version shows in the email
+/// and in `metadata.version`, so a journal tells which version was sent.
+pub fn profile(customer: &str, version: u32) -> Value {
+    json!({
+        "customer_id": customer,
+        "email": format!("v{version}.{}@example.com", customer.to_lowercase()),
+        "phone": "+14155550100",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "preferred_language": "en",
+        "street_line1": "1 Main St",
+        "city": "Springfield",
+        "state": "IL",
+        "postal_code": "62701",
+        "country": "USA",
+        "metadata": {"version": version},
+    })
+}
+
+/// The version a journal body carries (see [`profile`]).
+pub fn version_of(body: &Value) -> Option<u64> {
+    body.pointer("/metadata/version").and_then(Value::as_u64)
+}
+
+/// Inserts outbox rows in order (ids increase in that order); each row is a JSON object of
+/// outbox columns (an `id` key sets the id). Returns the ids.
+pub async fn insert(pool: &PgPool, rows: &[Value]) -> Vec<i64> {
+    let mut columns: Vec<&str> = Vec::new();
+    for row in rows {
+        for k in row.as_object().expect("a row is a JSON object").keys() {
+            assert!(
+                k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+            );
+            if !columns.contains(&k.as_str()) {
+                columns.push(k);
+            }
+        }
+    }
+    let list = columns.join(", ");
+    let sql = format!(
+        "INSERT INTO imprint_sync.customer_outbox ({list}) OVERRIDING SYSTEM VALUE
+         SELECT {list} FROM jsonb_populate_recordset(NULL::imprint_sync.customer_outbox, $1)
+              WITH ORDINALITY AS r ORDER BY ordinality
+         RETURNING id"
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(Value::Array(rows.to_vec()))
+        .fetch_all(pool)
+        .await
+        .expect("inserting outbox rows")
+}
+
+/// An outbox row as a test inspects it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RowState {
+    pub id: i64,
+    pub customer_id: String,
+    pub sync_status: String,
+    pub attempts: i32,
+    pub last_http_status: Option<i32>,
+    pub last_error_code: Option<String>,
+    pub last_error: Option<String>,
+    pub superseded_by: Option<i64>,
+    pub leased_by: Option<String>,
+}
+
+/// Every outbox row, by id.
+pub async fn rows(pool: &PgPool) -> Vec<RowState> {
+    sqlx::query_as(
+        "SELECT id, customer_id, sync_status, attempts, last_http_status, last_error_code,
+                last_error, superseded_by, leased_by
+         FROM imprint_sync.customer_outbox ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("reading outbox rows")
+}
+
+/// One outbox row.
+pub async fn row(pool: &PgPool, id: i64) -> RowState {
+    rows(pool)
+        .await
+        .into_iter()
+        .find(|r| r.id == id)
+        .unwrap_or_else(|| panic!("no outbox row {id}"))
+}
+
+/// Rows counted by `sync_status`.
+pub async fn counts(pool: &PgPool) -> BTreeMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT sync_status, count(*) FROM imprint_sync.customer_outbox GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("counting rows")
+    .into_iter()
+    .collect()
+}
+
+/// The built binary, started with a clean environment; output goes to files (a pipe
+/// nobody reads would block a chatty daemon).
+pub struct Daemon {
+    child: tokio::process::Child,
+    stdout: tempfile::NamedTempFile,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl Daemon {
+    pub fn start(args: &[&str], env: &[(String, String)]) -> Self {
+        let stdout = tempfile::NamedTempFile::new().expect("temp file");
+        let stderr = tempfile::NamedTempFile::new().expect("temp file");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imprint-sync"))
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout.reopen().expect("stdout file"))
+            .stderr(stderr.reopen().expect("stderr file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting imprint-sync");
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the daemon is running")
+    }
+
+    /// Waits for the exit code; fails the test after `secs` seconds.
+    pub async fn exit_code(&mut self, secs: u64) -> i32 {
+        let status = tokio::time::timeout(Duration::from_secs(secs), self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "imprint-sync still running after {secs} s; stderr:\n{}",
+                    self.stderr()
+                )
+            })
+            .expect("waiting for imprint-sync");
+        status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {status:?}"))
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub async fn kill9(&mut self) {
+        self.child.kill().await.expect("kill -9");
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("running kill")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.stdout.path()).expect("reading stdout")
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).expect("reading stderr")
+    }
+}
+
+/// Polls `check` every 50 ms until it holds; fails the test after `secs` seconds.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
