@@ -51,6 +51,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder (a test harness) may already be installed; ours still renders.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register();
             handle
         })
         .clone()
@@ -102,6 +103,25 @@ fn describe() {
         "imprint_sync_replicas_live",
         "Live replicas sharing the rate limit."
     );
+}
+
+/// The label values of `imprint_sync_rows_total{outcome}`.
+pub const ROW_OUTCOMES: [&str; 5] = ["synced", "failed", "superseded", "retried", "invalid"];
+/// The label values of `imprint_sync_http_requests_total{status}`.
+pub const HTTP_CLASSES: [&str; 6] = ["2xx", "4xx", "5xx", "429", "timeout", "error"];
+
+/// Makes the counters (each label value, at 0) and the histograms appear from the first
+/// scrape: a series that is absent until its first event leaves `increase(...)` alerts and
+/// dashboards empty instead of 0. The gauges are set by their first refresh.
+fn register() {
+    for outcome in ROW_OUTCOMES {
+        metrics::counter!("imprint_sync_rows_total", "outcome" => outcome).increment(0);
+    }
+    for class in HTTP_CLASSES {
+        metrics::counter!("imprint_sync_http_requests_total", "status" => class).increment(0);
+    }
+    let _ = metrics::histogram!("imprint_sync_http_request_duration_seconds");
+    let _ = metrics::histogram!("imprint_sync_sync_lag_seconds");
 }
 
 #[derive(Clone)]

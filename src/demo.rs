@@ -225,7 +225,7 @@ async fn print_summary(
     println!("  {:<34} {:>8}", "retries (500s, later synced)", s.retried);
     println!(
         "  {:<34} {:>8}",
-        "answered 429 (slowed down, retried)", s.rate_limited
+        "answered 429 (slowed, retried)", s.rate_limited
     );
     println!(
         "  {:<34} {:>8}",
