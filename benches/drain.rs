@@ -63,11 +63,16 @@ async fn main() -> anyhow::Result<()> {
         let _ = writeln!(out, "- {s}");
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    line(format!("machine: {cores} cores; rows {}; history {}", args.rows, args.history));
+    line(format!(
+        "machine: {cores} cores; rows {}; history {}",
+        args.rows, args.history
+    ));
 
     // 1. The raw HTTP rate at the same concurrency, no database.
     let raw = raw_http_rate(&sandbox.base_url(), args.rows.min(50_000)).await?;
-    line(format!("raw HTTP rate (plain client, {CONCURRENCY} in flight): {raw:.0} requests/s"));
+    line(format!(
+        "raw HTTP rate (plain client, {CONCURRENCY} in flight): {raw:.0} requests/s"
+    ));
 
     // 2. The drain.
     let db = ScratchDatabase::create(&server, "imprint_sync_bench").await?;
@@ -272,7 +277,11 @@ async fn idle_latency(
     )
     .fetch_all(pool)
     .await?;
-    anyhow::ensure!(lat.len() as u64 == rows, "only {} of {rows} idle rows synced", lat.len());
+    anyhow::ensure!(
+        lat.len() as u64 == rows,
+        "only {} of {rows} idle rows synced",
+        lat.len()
+    );
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     Ok((pct(0.50), pct(0.99)))

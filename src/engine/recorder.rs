@@ -9,7 +9,7 @@ use tokio::sync::mpsc::Receiver;
 use super::Shared;
 use super::shutdown::Backoff;
 use super::worker::Done;
-use crate::outbox::store::Disposition;
+use crate::outbox::store::{Disposition, Record};
 
 /// Most records written by one statement.
 const MAX_BATCH: usize = 1_000;
@@ -18,12 +18,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: Receiver<Done>, wake: Arc<N
     let mut batch: Vec<Done> = Vec::with_capacity(MAX_BATCH);
     let mut backoff = Backoff::new("writing outcomes back");
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let records: Vec<_> = batch.iter().map(|d| d.record.clone()).collect();
+        // The window slots go with the records: freed once the batch is written.
+        let (records, slots): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|d| (d.record, d._permit)).unzip();
         loop {
             match shared.store.record(&records).await {
                 Ok(applied) => {
                     backoff.succeeded(&shared.health);
-                    count(&batch, &applied);
+                    count(&records, &applied);
                     break;
                 }
                 Err(e) => {
@@ -44,28 +46,28 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: Receiver<Done>, wake: Arc<N
                 }
             }
         }
-        batch.clear(); // frees the rows' window slots
+        drop(slots);
         wake.notify_one();
     }
 }
 
-fn count(batch: &[Done], applied: &[crate::outbox::store::Applied]) {
+fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
     for a in applied {
         if let Some(lag) = a.lag_seconds {
             metrics::histogram!("imprint_sync_sync_lag_seconds").record(lag);
         }
     }
     let applied_ids: std::collections::HashSet<i64> = applied.iter().map(|a| a.id).collect();
-    for d in batch {
-        let outcome = match (&d.record.disposition, d.record.error_code.as_deref()) {
+    for r in records {
+        let outcome = match (&r.disposition, r.error_code.as_deref()) {
             (Disposition::Synced { .. }, _) => "synced",
             (Disposition::Failed { .. }, Some("invalid_profile")) => "invalid",
             (Disposition::Failed { .. }, _) => "failed",
             (Disposition::Retry { .. }, _) => "retried",
             (Disposition::Release, _) => continue,
         };
-        if !applied_ids.contains(&d.record.id) {
-            tracing::warn!(outbox_id = d.record.id, customer_id = %d.record.customer_id, outcome, "outcome not written: the row's lease had passed to another worker");
+        if !applied_ids.contains(&r.id) {
+            tracing::warn!(outbox_id = r.id, customer_id = %r.customer_id, outcome, "outcome not written: the row's lease had passed to another worker");
             continue;
         }
         metrics::counter!("imprint_sync_rows_total", "outcome" => outcome).increment(1);

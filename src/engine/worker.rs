@@ -128,14 +128,15 @@ async fn send(
                 attempts.push(log("synced", Some(status), None, None));
                 shared.stats.synced.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(http_status = status, "synced");
+                let json = |v: &serde_json::Value| v.to_string();
                 let disposition = Disposition::Synced {
                     imprint_updated_at: customer.updated_at(),
                     statuses: customer
                         .statuses
                         .as_ref()
-                        .and_then(|s| serde_json::to_value(s).ok()),
-                    drift: customer.drift(request),
-                    response: customer.to_stored(shared.settings.keep_sensitive),
+                        .and_then(|s| serde_json::to_string(s).ok()),
+                    drift: customer.drift(request).as_ref().map(json),
+                    response: customer.into_stored(shared.settings.keep_sensitive),
                 };
                 return record(row, disposition, Some(status), None, None, attempts);
             }

@@ -146,14 +146,14 @@ impl Customer {
             .map(|t| t.with_timezone(&Utc))
     }
 
-    /// The object as stored in `customer_sync_state.response`.
-    pub fn to_stored(&self, keep_sensitive: bool) -> Value {
-        let mut c = self.clone();
+    /// The object as stored in `customer_sync_state.response` (JSON text), without `ssn4`
+    /// and `date_of_birth` unless `keep_sensitive`.
+    pub fn into_stored(mut self: Box<Self>, keep_sensitive: bool) -> String {
         if !keep_sensitive {
-            c.ssn4 = None;
-            c.date_of_birth = None;
+            self.ssn4 = None;
+            self.date_of_birth = None;
         }
-        serde_json::to_value(c).unwrap_or(Value::Null)
+        serde_json::to_string(&self).unwrap_or_else(|_| "null".to_owned())
     }
 
     /// The fields whose returned value differs from what was sent, as

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::{PgPool, Row};
 
 use super::model::OutboxRow;
@@ -30,9 +29,10 @@ pub enum Disposition {
     /// `synced`, with Imprint's view of the customer.
     Synced {
         imprint_updated_at: Option<DateTime<Utc>>,
-        statuses: Option<Value>,
-        response: Value,
-        drift: Option<Value>,
+        /// JSON texts, serialized once by the worker (no clones on the way to the database).
+        statuses: Option<String>,
+        response: String,
+        drift: Option<String>,
     },
     /// Back to `pending`, due again after `delay`; `counts` says whether an attempt is spent.
     Retry { delay: Duration, counts: bool },
@@ -185,8 +185,9 @@ state AS (
     INSERT INTO imprint_sync.customer_sync_state AS s
         (customer_id, last_synced_outbox_id, last_synced_at, imprint_updated_at, statuses,
          response, drift)
-    SELECT d.customer_id, d.id, now(), x.imprint_updated_at, x.statuses, x.response, x.drift
-    FROM unnest($9::bigint[], $10::timestamptz[], $11::jsonb[], $12::jsonb[], $13::jsonb[])
+    SELECT d.customer_id, d.id, now(), x.imprint_updated_at, x.statuses::jsonb,
+           x.response::jsonb, x.drift::jsonb
+    FROM unnest($9::bigint[], $10::timestamptz[], $11::text[], $12::text[], $13::text[])
         AS x(id, imprint_updated_at, statuses, response, drift)
     JOIN done d ON d.id = x.id
     ON CONFLICT (customer_id) DO UPDATE
@@ -275,9 +276,9 @@ impl Store {
                 } => {
                     s_ids.push(r.id);
                     s_updated.push(*imprint_updated_at);
-                    s_statuses.push(statuses.clone());
-                    s_response.push(response.clone());
-                    s_drift.push(drift.clone());
+                    s_statuses.push(statuses.as_deref());
+                    s_response.push(response.as_str());
+                    s_drift.push(drift.as_deref());
                     ("synced", 1, None)
                 }
                 Disposition::Retry { delay, counts } => (
