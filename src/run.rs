@@ -126,10 +126,11 @@ async fn wait_for_schema(pool: &PgPool, stop: &CancellationToken) -> anyhow::Res
                     .chain()
                     .filter_map(|c| c.downcast_ref::<sqlx::Error>())
                     .any(|s| {
-                        matches!(
-                            s,
-                            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
-                        )
+                        matches!(s, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_))
+                            // starting up, shutting down (57P0x), connection failures (08)
+                            || s.as_database_error().and_then(|d| d.code()).is_some_and(|c| {
+                                c.starts_with("57P") || c.starts_with("08")
+                            })
                     });
                 if !down {
                     return Err(e);

@@ -481,3 +481,100 @@ async fn the_janitor_deletes_only_old_finished_rows() {
             .unwrap();
     assert_eq!(attempts_left, [ids[4]]);
 }
+
+/// NUL bytes in an answer (an error body from a proxy, a returned string) cannot go into
+/// PostgreSQL text or jsonb; they are dropped, and the batch is written (G7: the line goes on).
+#[tokio::test]
+async fn nul_bytes_in_answers_never_stop_the_write_back() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let c = |n| customer_id(11, n);
+    let nul_error = ResponseTemplate::new(502).set_body_bytes(b"bad\0gateway".to_vec());
+    answer(&server, &c(1), vec![nul_error]).await;
+    let nul_name = json!({"id": c(2), "first_name": "A\u{0}da", "statuses": {"P": "OPEN"}});
+    Mock::given(method("POST"))
+        .and(path(format!("/v2/customers/{}", c(2))))
+        .respond_with(ResponseTemplate::new(200).set_body_json(nul_name))
+        .mount(&server)
+        .await;
+    answer(&server, &c(3), vec![]).await;
+    let ids = insert(
+        &db.pool,
+        &[profile(&c(1), 1), profile(&c(2), 1), profile(&c(3), 1)],
+    )
+    .await;
+    let api = Url::parse(&server.uri()).unwrap();
+
+    let summary = run_once(&db, &api, &[]).await;
+
+    assert_eq!(summary.failed, 0);
+    for id in &ids {
+        assert_eq!(row(&db.pool, *id).await.sync_status, "synced", "row {id}");
+    }
+    let first_try = attempts(&db.pool, ids[0]).await;
+    assert_eq!(
+        first_try[0].1,
+        Some(502),
+        "the 502 was logged: {first_try:?}"
+    );
+    let stored: String = sqlx::query_scalar(
+        "SELECT response->>'first_name' FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
+    )
+    .bind(c(2))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, "Ada");
+}
+
+/// An outcome belongs to one claim: after the row's lease expired and the row was claimed
+/// again (even by the same worker), the old outcome is not written onto the new claim.
+#[tokio::test]
+async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
+    use imprint_sync::outbox::store::{Disposition, Record, Store};
+    let db = TestDb::new().await;
+    let ids = insert(&db.pool, &[profile(&customer_id(12, 1), 1)]).await;
+    let store = Store::new(db.pool.clone(), "worker-a");
+    let first = store.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(first.rows.len(), 1);
+    // The lease runs out; the row is rescued and claimed again by the same worker.
+    sqlx::query(
+        "UPDATE imprint_sync.customer_outbox SET lease_expires_at = now() - interval '1 s'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(store.rescue_expired().await.unwrap(), 1);
+    let second = store.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(second.rows.len(), 1);
+    assert_ne!(
+        first.rows[0].lease_expires_at,
+        second.rows[0].lease_expires_at
+    );
+
+    let failed = |claim| Record {
+        id: ids[0],
+        customer_id: customer_id(12, 1),
+        disposition: Disposition::Failed { counts: true },
+        http_status: Some(400),
+        error_code: Some("INVALID_REQUEST_ERROR".into()),
+        error: Some("stale".into()),
+        claim,
+        attempts: vec![],
+    };
+    let applied = store
+        .record(&[failed(first.rows[0].lease_expires_at)])
+        .await
+        .unwrap();
+    assert!(
+        applied.is_empty(),
+        "the stale outcome was written: {applied:?}"
+    );
+    assert_eq!(row(&db.pool, ids[0]).await.sync_status, "in_flight");
+    let applied = store
+        .record(&[failed(second.rows[0].lease_expires_at)])
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(row(&db.pool, ids[0]).await.sync_status, "failed");
+}

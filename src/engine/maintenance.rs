@@ -37,6 +37,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     let host = super::hostname();
     let mut db = Backoff::new("heartbeat and lease rescue");
+    let mut pruning: Option<tokio::task::JoinHandle<()>> = None;
     let mut announced = false;
     loop {
         let beat = tokio::select! {
@@ -54,8 +55,11 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
                 }
                 false
             }
+            // Retention runs beside the heartbeat, never in its way.
             _ = prune.tick() => {
-                prune_all(&shared, &stop).await;
+                if pruning.as_ref().is_none_or(|p| p.is_finished()) {
+                    pruning = Some(tokio::spawn(prune_all(shared.clone(), stop.clone())));
+                }
                 false
             }
         };
@@ -83,7 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
     listener.abort();
 }
 
-async fn prune_all(shared: &Shared, stop: &CancellationToken) {
+async fn prune_all(shared: Arc<Shared>, stop: CancellationToken) {
     let s = &shared.settings;
     let mut total = 0;
     while !stop.is_cancelled() {

@@ -272,6 +272,9 @@ impl Engine {
             shared.hard_stop.cancel();
             tasks.wait().await;
         }
+        // Every worker is done: the recorder writes what it holds, or gives up if the
+        // database is away, instead of holding the process.
+        shared.hard_stop.cancel();
         drop(tx);
         let _ = recorder.await;
         background.cancel();
@@ -323,6 +326,8 @@ async fn claimer(
             tokio::select! {
                 _ = shared.stop.cancelled() => return,
                 p = window.clone().acquire_many_owned(want) => drop(p),
+                // Slow requests may hold the window for long: keep ticking (watchdog, /livez).
+                _ = tokio::time::sleep(s.poll_interval) => {}
             }
             continue;
         }
@@ -395,9 +400,12 @@ async fn drained(shared: &Shared, window: &Semaphore, capacity: usize, wake: &No
     match remaining {
         Ok(r) if r.is_empty() => true,
         Ok(r) => {
+            // Due rows that could not be claimed wait for a customer's row in flight elsewhere:
+            // no point asking again at once.
             let nap = r
                 .next_due_in
-                .unwrap_or(shared.settings.poll_interval)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_millis(100))
                 .clamp(Duration::from_millis(5), shared.settings.poll_interval);
             wait(shared, wake, nap).await;
             false

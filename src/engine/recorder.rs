@@ -28,6 +28,24 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: Receiver<Done>, wake: Arc<N
                     count(&records, &applied);
                     break;
                 }
+                Err(e) if refused(&e) => {
+                    // The database refused something in the batch (not an outage): write the
+                    // outcomes one by one, so one bad outcome never stops the others (G7).
+                    let mut applied = Vec::new();
+                    for r in &records {
+                        match shared.store.record(std::slice::from_ref(r)).await {
+                            Ok(a) => applied.extend(a),
+                            Err(e) => tracing::error!(
+                                outbox_id = r.id,
+                                customer_id = %r.customer_id,
+                                sqlstate = e.as_database_error().and_then(|d| d.code()).as_deref().unwrap_or("-"),
+                                "the database refused this row's outcome; the row is taken again when its lease expires"
+                            ),
+                        }
+                    }
+                    count(&records, &applied);
+                    break;
+                }
                 Err(e) => {
                     // Keep the outcomes until the database is back; the rows' leases keep
                     // them ours meanwhile, and a lost lease makes the write a no-op.
@@ -72,4 +90,17 @@ fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
         }
         metrics::counter!("imprint_sync_rows_total", "outcome" => outcome).increment(1);
     }
+}
+
+/// A refusal of the data (SQLSTATE classes 22 and 23, …), as opposed to the database being
+/// away or busy (08 connection, 53 resources, 57 operator intervention, 40 rollback), which
+/// is waited out.
+fn refused(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| {
+            !["08", "53", "57", "40"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        })
 }

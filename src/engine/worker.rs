@@ -2,7 +2,7 @@
 //! record for the recorder.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::Shared;
 use crate::imprint::UpdateCustomerRequest;
 use crate::imprint::error::Answer;
+use crate::imprint::model::json_text;
 use crate::outbox::model::OutboxRow;
 use crate::outbox::store::{AttemptLog, Disposition, Record};
 use crate::profile;
@@ -37,9 +38,12 @@ pub(crate) struct Done {
 pub(crate) async fn work(shared: Arc<Shared>, job: Job, tx: tokio::sync::mpsc::Sender<Done>) {
     let span =
         tracing::info_span!("row", outbox_id = job.row.id, customer_id = %job.row.customer_id);
-    let record = process(&shared, &job.row, job.claimed_at)
+    let Some(record) = process(&shared, &job.row, job.claimed_at)
         .instrument(span)
-        .await;
+        .await
+    else {
+        return; // cut off mid-request: the lease brings the row back
+    };
     let done = Done {
         record,
         _permit: job.permit,
@@ -49,35 +53,43 @@ pub(crate) async fn work(shared: Arc<Shared>, job: Job, tx: tokio::sync::mpsc::S
     let _ = tx.send(done).await;
 }
 
-async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Record {
+async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Option<Record> {
     let request = match profile::map_row(row) {
         Ok(r) => r,
         Err(e) => {
             // A row that fails here fails the run too (`run --once` exits 1).
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
+                outbox_id = row.id,
+                customer_id = %row.customer_id,
                 error_code = "invalid_profile",
                 field = e.field,
                 "row cannot be mapped; marked failed"
             );
-            return record(
+            return Some(record(
                 row,
                 Disposition::Failed { counts: false },
                 None,
                 Some("invalid_profile".into()),
                 Some(format!("outbox row {}: {e}", row.id)),
                 vec![],
-            );
+            ));
         }
     };
     // The last moment a request may start and still finish inside the lease.
     let deadline = claimed_at + shared.settings.lease
         - shared.settings.request_timeout.min(shared.settings.lease)
         - LEASE_SAFETY.min(shared.settings.lease / 4);
+    let on_the_wire = AtomicBool::new(false);
     tokio::select! {
         biased;
-        _ = shared.hard_stop.cancelled() => release(row, vec![]),
-        r = send(shared, row, &request, deadline) => r,
+        // The grace is over. A row whose request never left goes back untouched; one whose
+        // request may still reach Imprint keeps its lease until it expires, so no other
+        // worker can send for that customer meanwhile (G1, G2).
+        _ = shared.hard_stop.cancelled() => {
+            (!on_the_wire.load(Ordering::Relaxed)).then(|| release(row, vec![]))
+        }
+        r = send(shared, row, &request, deadline, &on_the_wire) => Some(r),
     }
 }
 
@@ -87,6 +99,7 @@ async fn send(
     row: &OutboxRow,
     request: &UpdateCustomerRequest,
     deadline: Instant,
+    on_the_wire: &AtomicBool,
 ) -> Record {
     let mut attempts = Vec::new();
     loop {
@@ -98,11 +111,17 @@ async fn send(
             _ = shared.stop.cancelled() => return release(row, attempts),
             a = shared.traffic.admit(deadline) => a,
         };
-        if admit == Admit::GiveUp {
+        let probe = admit == Admit::Probe;
+        // Past the deadline the request could outlive the lease: another worker could then
+        // claim the customer while this request is on the wire. Give the row back instead.
+        if admit == Admit::GiveUp || Instant::now() >= deadline {
+            if probe {
+                shared.traffic.gate.probe_abandoned();
+            }
             shared.stats.released.fetch_add(1, Ordering::Relaxed);
             return release(row, attempts);
         }
-        let probe = admit == Admit::Probe;
+        on_the_wire.store(true, Ordering::Relaxed);
         let started_at = chrono::Utc::now();
         let t0 = Instant::now();
         let answer = shared
@@ -128,14 +147,10 @@ async fn send(
                 attempts.push(log("synced", Some(status), None, None));
                 shared.stats.synced.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(http_status = status, "synced");
-                let json = |v: &serde_json::Value| v.to_string();
                 let disposition = Disposition::Synced {
                     imprint_updated_at: customer.updated_at(),
-                    statuses: customer
-                        .statuses
-                        .as_ref()
-                        .and_then(|s| serde_json::to_string(s).ok()),
-                    drift: customer.drift(request).as_ref().map(json),
+                    statuses: customer.statuses.as_ref().map(json_text),
+                    drift: customer.drift(request).as_ref().map(json_text),
                     response: customer.into_stored(shared.settings.keep_sensitive),
                 };
                 return record(row, disposition, Some(status), None, None, attempts);
@@ -266,6 +281,7 @@ fn record(
     Record {
         id: row.id,
         customer_id: row.customer_id.clone(),
+        claim: row.lease_expires_at,
         disposition,
         http_status,
         error_code,

@@ -181,8 +181,8 @@ pub fn read_error(status: u16, body: &[u8]) -> ApiError {
     };
     if let Some(e) = shaped {
         return ApiError {
-            code: str_of(e, "type").unwrap_or(fallback_code),
-            param: str_of(e, "param"),
+            code: str_of(e, "type").map_or(fallback_code, truncate),
+            param: str_of(e, "param").map(truncate),
             message: truncate(str_of(e, "message").unwrap_or_else(|| e.to_string())),
         };
     }
@@ -237,7 +237,12 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// Cuts a message to at most [`MESSAGE_MAX`] bytes, the ellipsis included, on a character
 /// boundary.
+/// NUL bytes are dropped too: PostgreSQL text cannot hold them, and one would stop the
+/// write-back of a whole batch.
 pub fn truncate(mut s: String) -> String {
+    if s.contains('\0') {
+        s.retain(|c| c != '\0');
+    }
     if s.len() > MESSAGE_MAX {
         let mut end = MESSAGE_MAX - '…'.len_utf8();
         while !s.is_char_boundary(end) {

@@ -29,6 +29,9 @@ pub struct OutboxRow {
     pub enqueued_at: DateTime<Utc>,
     /// Retryable failures so far.
     pub attempts: i32,
+    /// The claim's lease end: also the claim's token, so an outcome is written back only to
+    /// the claim it belongs to (`None` for rows read without claiming).
+    pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
 /// The row's sync state (`customer_outbox.sync_status`).

@@ -51,6 +51,9 @@ pub struct Record {
     pub http_status: Option<u16>,
     pub error_code: Option<String>,
     pub error: Option<String>,
+    /// The claim this outcome belongs to (its `lease_expires_at`): a row rescued and claimed
+    /// again since is a different claim, and this outcome is not written onto it.
+    pub claim: Option<DateTime<Utc>>,
     /// The HTTP attempts made for this outcome, for `sync_attempts`.
     pub attempts: Vec<AttemptLog>,
 }
@@ -85,7 +88,7 @@ pub struct Replay {
 const ROW_COLUMNS: &str = "id, customer_id, email, phone, first_name, last_name, \
     preferred_language, street_line1, street_line2, city, state, postal_code, country, \
     account_tenure, ltv_amount, ltv_currency, loyalty_tier, account_created_at, \
-    transaction_count, metadata, enqueued_at, attempts";
+    transaction_count, metadata, enqueued_at, attempts, lease_expires_at";
 
 /// The claim (G1, G2, G3, G6): due rows, oldest first, locked with SKIP LOCKED; per
 /// customer only the newest pending row is taken, and only when no row of that customer is
@@ -96,6 +99,10 @@ WITH cand AS (
     SELECT id, customer_id
     FROM imprint_sync.customer_outbox
     WHERE sync_status = 'pending' AND next_attempt_at <= now()
+      -- Customers with a row in flight wait; they must not fill the window (G1).
+      AND NOT EXISTS (SELECT 1 FROM imprint_sync.customer_outbox f
+                       WHERE f.customer_id = customer_outbox.customer_id
+                         AND f.sync_status = 'in_flight')
     ORDER BY next_attempt_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -159,8 +166,8 @@ LEFT JOIN claimed c ON true
 const RECORD_SQL: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[], $5::int[],
-                         $6::text[], $7::text[])
-        AS t(id, status, attempt_inc, delay_ms, http_status, error_code, error)
+                         $6::text[], $7::text[], $23::timestamptz[])
+        AS t(id, status, attempt_inc, delay_ms, http_status, error_code, error, claim)
 ),
 done AS (
     UPDATE imprint_sync.customer_outbox o
@@ -179,7 +186,8 @@ done AS (
         updated_at = now()
     FROM input i
     WHERE o.id = i.id AND o.sync_status = 'in_flight' AND o.leased_by = $8
-    RETURNING o.id, o.customer_id, o.sync_status, o.enqueued_at
+      AND o.lease_expires_at = i.claim
+    RETURNING o.id, o.customer_id, o.sync_status, o.enqueued_at, i.claim
 ),
 state AS (
     INSERT INTO imprint_sync.customer_sync_state AS s
@@ -187,9 +195,10 @@ state AS (
          response, drift)
     SELECT d.customer_id, d.id, now(), x.imprint_updated_at, x.statuses::jsonb,
            x.response::jsonb, x.drift::jsonb
-    FROM unnest($9::bigint[], $10::timestamptz[], $11::text[], $12::text[], $13::text[])
-        AS x(id, imprint_updated_at, statuses, response, drift)
-    JOIN done d ON d.id = x.id
+    FROM unnest($9::bigint[], $10::timestamptz[], $11::text[], $12::text[], $13::text[],
+                $24::timestamptz[])
+        AS x(id, imprint_updated_at, statuses, response, drift, claim)
+    JOIN done d ON d.id = x.id AND d.claim = x.claim
     ON CONFLICT (customer_id) DO UPDATE
     SET last_synced_outbox_id = EXCLUDED.last_synced_outbox_id,
         last_synced_at = EXCLUDED.last_synced_at,
@@ -260,8 +269,10 @@ impl Store {
         let mut http_status: Vec<Option<i32>> = Vec::with_capacity(n);
         let mut error_code: Vec<Option<&str>> = Vec::with_capacity(n);
         let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut claims = Vec::with_capacity(n);
         let (mut s_ids, mut s_updated, mut s_statuses, mut s_response, mut s_drift) =
             (vec![], vec![], vec![], vec![], vec![]);
+        let mut s_claims = vec![];
         let (mut a_ids, mut a_customer, mut a_attempt, mut a_started, mut a_duration) =
             (vec![], vec![], vec![], vec![], vec![]);
         let (mut a_status, mut a_outcome, mut a_code, mut a_message) =
@@ -279,6 +290,7 @@ impl Store {
                     s_statuses.push(statuses.as_deref());
                     s_response.push(response.as_str());
                     s_drift.push(drift.as_deref());
+                    s_claims.push(r.claim);
                     ("synced", 1, None)
                 }
                 Disposition::Retry { delay, counts } => (
@@ -290,6 +302,7 @@ impl Store {
                 Disposition::Release => ("pending", 0, None),
             };
             ids.push(r.id);
+            claims.push(r.claim);
             statuses.push(status);
             attempt_inc.push(inc);
             delay_ms.push(delay);
@@ -331,6 +344,8 @@ impl Store {
             .bind(&a_outcome)
             .bind(&a_code)
             .bind(&a_message)
+            .bind(&claims)
+            .bind(&s_claims)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -513,6 +528,7 @@ fn row_from(row: &sqlx::postgres::PgRow) -> sqlx::Result<OutboxRow> {
         metadata: row.try_get("metadata")?,
         enqueued_at: row.try_get("enqueued_at")?,
         attempts: row.try_get("attempts")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
     })
 }
 
