@@ -20,8 +20,8 @@ use crate::engine::Health;
 use crate::outbox::store::Store;
 use crate::traffic::{GateState, Traffic};
 
-/// How often the outbox gauges are refreshed (one cheap query).
-const GAUGES_EVERY: Duration = Duration::from_secs(5);
+/// How often the outbox gauges are refreshed (one cheap query) and histograms folded.
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
 
 /// The process-wide Prometheus recorder (installed once; later calls share it).
 pub fn metrics_handle() -> PrometheusHandle {
@@ -235,6 +235,9 @@ async fn refresh_gauges(store: Store, state: AppState, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
         }
+        // Histogram samples pile up in the recorder until they are folded into buckets:
+        // fold them here, or memory grows with every request when nobody scrapes.
+        state.metrics.run_upkeep();
         let gate = state.traffic.gate.state();
         metrics::gauge!("imprint_sync_circuit_open")
             .set(f64::from(u8::from(gate == GateState::CircuitOpen)));
