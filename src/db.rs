@@ -37,6 +37,26 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .connect_lazy_with(connect_options(&settings.url)?))
 }
 
+/// The database is away or busy, not refusing the data: connection failures (08), a server
+/// starting up or shutting down (57), resources (53), a rolled-back transaction (40), or no
+/// answer at all. Waited out with backoff; anything else is a real error.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        _ => e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| {
+                ["08", "40", "53", "57"]
+                    .iter()
+                    .any(|class| c.starts_with(class))
+            }),
+    }
+}
+
 /// Applies the migrations (idempotent; serialized across processes by an advisory lock).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     migrator()

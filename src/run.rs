@@ -1,7 +1,5 @@
 //! `imprint-sync run`: the daemon, and its `--once`, `--replay-failed` and `--dry-run` modes.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -122,24 +120,14 @@ async fn wait_for_schema(pool: &PgPool, stop: &CancellationToken) -> anyhow::Res
             Err(e) => {
                 // A missing schema is for the operator to fix; a database that is down is
                 // waited for.
-                let down = e
+                let Some(delay) = e
                     .chain()
                     .filter_map(|c| c.downcast_ref::<sqlx::Error>())
-                    .any(|s| {
-                        matches!(s, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_))
-                            // starting up, shutting down (57P0x), connection failures (08)
-                            || s.as_database_error().and_then(|d| d.code()).is_some_and(|c| {
-                                c.starts_with("57P") || c.starts_with("08")
-                            })
-                    });
-                if !down {
-                    return Err(e);
-                }
-                let delay = e
-                    .chain()
-                    .find_map(|c| c.downcast_ref::<sqlx::Error>())
+                    .find(|s| db::is_transient(s))
                     .map(|s| backoff.failed(s, &health))
-                    .unwrap_or(Duration::from_secs(1));
+                else {
+                    return Err(e);
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(false),
                     _ = tokio::time::sleep(delay) => {}

@@ -93,14 +93,7 @@ fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
 }
 
 /// A refusal of the data (SQLSTATE classes 22 and 23, …), as opposed to the database being
-/// away or busy (08 connection, 53 resources, 57 operator intervention, 40 rollback), which
-/// is waited out.
+/// away or busy, which is waited out.
 fn refused(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| {
-            !["08", "53", "57", "40"]
-                .iter()
-                .any(|class| c.starts_with(class))
-        })
+    e.as_database_error().is_some() && !crate::db::is_transient(e)
 }
