@@ -425,3 +425,55 @@ async fn two_replicas_share_the_deployments_rate() {
     // And they did not starve each other either.
     assert!(rate >= 60.0, "{rate:.1}/s in total");
 }
+
+/// A redirect means a wrong `api.base_url`: every row would fail the same way. Like a
+/// rejected key, it pauses sending and changes no row; `run --once` exits 2 naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_changes_no_row_and_run_once_exits_2() {
+    use wiremock::matchers::any;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let db = TestDb::new().await;
+    seed(&db.pool, 50).await;
+    let server = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(302).insert_header("location", "https://elsewhere.example/v2/"),
+        )
+        .mount(&server)
+        .await;
+
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imprint-sync"))
+            .args(["run", "--once"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUST_LOG")
+            .env("DATABASE_URL", &db.url)
+            .env("IMPRINT_SYNC__API__BASE_URL", server.uri())
+            .env("IMPRINT_SYNC__API__KEY", KEY)
+            .env("IMPRINT_SYNC__ADMIN__LISTEN", "127.0.0.1:0")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run --once stops by itself on a redirect")
+    .expect("running imprint-sync");
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let requests = server.received_requests().await.unwrap().len();
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("api.base_url"), "stderr names the key:\n{stderr}");
+    assert!(stdout.contains("api.base_url"), "the summary names the key:\n{stdout}");
+    assert!((1..=5).contains(&requests), "{requests} requests");
+    let (changed, spent): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE sync_status <> 'pending' OR last_error_code IS NOT NULL),
+                count(*) FILTER (WHERE attempts <> 0)
+         FROM imprint_sync.customer_outbox",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("reading the rows");
+    assert_eq!((changed, spent), (0, 0), "no row changes or spends an attempt");
+}

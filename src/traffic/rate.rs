@@ -311,4 +311,39 @@ mod tests {
             start.elapsed()
         );
     }
+
+    /// Far above the API's real limit (5,000/s configured, the API takes 100/s) the rate
+    /// settles under the limit and probes over it rarely, not every few seconds.
+    #[tokio::test(start_paused = true)]
+    async fn far_above_the_apis_limit_the_rate_settles() {
+        const LIMIT: f64 = 100.0;
+        let rate = AdaptiveRate::new(5_000.0, 10);
+        let start = Instant::now();
+        let mut limited_at = Vec::new();
+        // Every 100 ms the sender learns one answer: 429 while it sends faster than the API
+        // takes, a success otherwise.
+        for _ in 0..3_000 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            if rate.paused_for().is_some() {
+                continue;
+            }
+            if rate.effective() > LIMIT {
+                rate.on_rate_limited(Duration::from_secs(1));
+                limited_at.push(start.elapsed().as_secs());
+            } else {
+                rate.on_success();
+            }
+        }
+        let late: Vec<u64> = limited_at.iter().copied().filter(|t| *t >= 120).collect();
+        assert!(late.len() <= 6, "429s at {limited_at:?} s");
+        assert!(
+            late.windows(2).all(|w| w[1] - w[0] >= 20),
+            "probes over the limit closer than 20 s: {late:?}"
+        );
+        assert!(
+            rate.effective() >= 0.4 * LIMIT,
+            "settled near the limit, not at the floor: {}",
+            rate.effective()
+        );
+    }
 }
