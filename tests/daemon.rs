@@ -340,7 +340,10 @@ async fn once_stopped_before_draining_exits_75() {
     daemon.signal("TERM");
 
     assert_eq!(daemon.exit_code(30).await, 75, "{}", daemon.stderr());
-    assert!(count_of(&db, "pending").await > 0, "the stop came before the drain");
+    assert!(
+        count_of(&db, "pending").await > 0,
+        "the stop came before the drain"
+    );
     assert_eq!(count_of(&db, "in_flight").await, 0);
 }
 
@@ -364,20 +367,40 @@ async fn a_hostile_customer_id_never_reaches_the_logs() {
             ],
         )
         .await;
-        let env = env(&db, &sandbox, &[("LOG__FORMAT", format), ("LOG__LEVEL", "debug")]);
+        let env = env(
+            &db,
+            &sandbox,
+            &[("LOG__FORMAT", format), ("LOG__LEVEL", "debug")],
+        );
         let mut run = Daemon::start(&["run", "--once"], &env);
 
         assert_eq!(run.exit_code(60).await, 1, "{format}");
         let logs = run.stderr();
         for id in ids {
             let r = row(&db.pool, id).await;
-            assert_eq!(r.last_error_code.as_deref(), Some("invalid_profile"), "{r:?}");
-            assert!(logs.contains(&id.to_string()), "row {id} is named in the {format} log");
+            assert_eq!(
+                r.last_error_code.as_deref(),
+                Some("invalid_profile"),
+                "{r:?}"
+            );
+            assert!(
+                logs.contains(&id.to_string()),
+                "row {id} is named in the {format} log"
+            );
         }
         let longest = logs.lines().map(str::len).max().unwrap_or(0);
-        assert!(longest <= 2_000, "a {longest}-byte line in the {format} log");
-        assert!(!logs.contains(email), "the e-mail in the {format} log:\n{logs}");
-        assert!(!logs.contains("FORGED-LINE"), "the forged line in the {format} log:\n{logs}");
+        assert!(
+            longest <= 2_000,
+            "a {longest}-byte line in the {format} log"
+        );
+        assert!(
+            !logs.contains(email),
+            "the e-mail in the {format} log:\n{logs}"
+        );
+        assert!(
+            !logs.contains("FORGED-LINE"),
+            "the forged line in the {format} log:\n{logs}"
+        );
     }
 }
 
@@ -458,6 +481,10 @@ async fn a_64_mb_answer_is_never_held_in_memory() {
     assert_eq!(code, 0);
     let r = row(&db.pool, ids[0]).await;
     assert_eq!(r.sync_status, "synced", "{r:?}");
-    assert_eq!(r.last_error_code.as_deref(), Some("unverified_response"), "{r:?}");
+    assert_eq!(
+        r.last_error_code.as_deref(),
+        Some("unverified_response"),
+        "{r:?}"
+    );
     assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
 }

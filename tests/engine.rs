@@ -306,11 +306,18 @@ async fn each_answer_moves_the_row_as_the_table_says() {
         ),
         ("synced", None, "", 3, &[Some(500), Some(500), Some(200)]),
         ("synced", None, "", 2, &[Some(409), Some(200)]),
-        ("synced", None, "", 2, &[Some(200), Some(200)]),
+        // Accepted though unreadable: synced once, marked unverified.
+        (
+            "synced",
+            Some("unverified_response"),
+            "accepted",
+            1,
+            &[Some(200)],
+        ),
         (
             "failed",
             Some("max_attempts_exceeded"),
-            "down for maintenance",
+            "HTTP 503 UNAVAILABLE",
             3,
             &[Some(503); 3],
         ),
@@ -638,7 +645,10 @@ async fn the_apis_own_words_are_never_stored() {
         assert_eq!(r.sync_status, "failed", "row {id}: {r:?}");
         assert_eq!(r.last_error_code.as_deref(), Some(code), "row {id}");
         let stored = r.last_error.clone().unwrap_or_default();
-        assert!(stored.contains(names), "row {id}: {stored:?} lacks {names:?}");
+        assert!(
+            stored.contains(names),
+            "row {id}: {stored:?} lacks {names:?}"
+        );
         let logged: Vec<Option<String>> = sqlx::query_scalar(
             "SELECT error_message FROM imprint_sync.sync_attempts WHERE outbox_id = $1",
         )
@@ -679,7 +689,12 @@ async fn a_2xx_is_trusted_only_as_far_as_it_can_be_read() {
     .await;
     let api = Url::parse(&server.uri()).unwrap();
 
-    let summary = run_once(&db, &api, &[("SYNC__MAX_ATTEMPTS", "1"), ("SYNC__CONCURRENCY", "1")]).await;
+    let summary = run_once(
+        &db,
+        &api,
+        &[("SYNC__MAX_ATTEMPTS", "1"), ("SYNC__CONCURRENCY", "1")],
+    )
+    .await;
 
     let response = |customer: String| {
         let pool = db.pool.clone();
@@ -701,20 +716,40 @@ async fn a_2xx_is_trusted_only_as_far_as_it_can_be_read() {
         "{first:?}"
     );
     assert!(
-        first.last_error.as_deref().unwrap_or_default().contains("unreadable_response"),
+        first
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("unreadable_response"),
         "{first:?}"
     );
-    assert_eq!(response(c(1)).await, None, "no state stored from another customer's object");
+    assert_eq!(
+        response(c(1)).await,
+        None,
+        "no state stored from another customer's object"
+    );
     for (n, id) in (2..=10).zip(&ids[1..]) {
         let r = row(&db.pool, *id).await;
         assert_eq!(r.sync_status, "synced", "row {id}: {r:?}");
-        assert_eq!(r.last_error_code.as_deref(), Some("unverified_response"), "row {id}");
+        assert_eq!(
+            r.last_error_code.as_deref(),
+            Some("unverified_response"),
+            "row {id}"
+        );
         assert_eq!(r.attempts, 1, "row {id}: not retried");
-        assert_eq!(response(c(n)).await, Some(None), "row {id}: no response kept");
+        assert_eq!(
+            response(c(n)).await,
+            Some(None),
+            "row {id}: no response kept"
+        );
     }
     assert_eq!(row(&db.pool, ids[1]).await.last_http_status, Some(204));
     assert_eq!(summary.synced, 9);
-    assert_eq!(server.received_requests().await.unwrap().len(), 10, "one request per row");
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        10,
+        "one request per row"
+    );
 }
 
 /// A database that turns read-only under the recorder (a failover to a replica: SQLSTATE
@@ -729,7 +764,11 @@ async fn outcomes_outlive_a_read_only_database() {
     let overrides = [("SYNC__CONCURRENCY", "20"), ("SYNC__BATCH_SIZE", "20")];
     let engine = common::engine(&db, &api, &overrides);
     let run = tokio::spawn(async move {
-        tokio::time::timeout(Duration::from_secs(90), engine.run(CancellationToken::new())).await
+        tokio::time::timeout(
+            Duration::from_secs(90),
+            engine.run(CancellationToken::new()),
+        )
+        .await
     });
     common::eventually(30, "every row is in flight", || async {
         counts(&db.pool).await.get("in_flight") == Some(&20)
@@ -741,11 +780,20 @@ async fn outcomes_outlive_a_read_only_database() {
         async move {
             let mut admin = db.admin().await;
             let alter = if on {
-                format!(r#"ALTER DATABASE "{}" SET default_transaction_read_only = on"#, db.name)
+                format!(
+                    r#"ALTER DATABASE "{}" SET default_transaction_read_only = on"#,
+                    db.name
+                )
             } else {
-                format!(r#"ALTER DATABASE "{}" RESET default_transaction_read_only"#, db.name)
+                format!(
+                    r#"ALTER DATABASE "{}" RESET default_transaction_read_only"#,
+                    db.name
+                )
             };
-            sqlx::raw_sql(sqlx::AssertSqlSafe(alter)).execute(&mut admin).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
+                .execute(&mut admin)
+                .await
+                .unwrap();
             sqlx::query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                  WHERE datname = $1 AND pid <> pg_backend_pid()",

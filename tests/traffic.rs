@@ -464,8 +464,14 @@ async fn a_redirect_changes_no_row_and_run_once_exits_2() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let requests = server.received_requests().await.unwrap().len();
     assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
-    assert!(stderr.contains("api.base_url"), "stderr names the key:\n{stderr}");
-    assert!(stdout.contains("api.base_url"), "the summary names the key:\n{stdout}");
+    assert!(
+        stderr.contains("api.base_url"),
+        "stderr names the key:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("api.base_url"),
+        "the summary names the key:\n{stdout}"
+    );
     assert!((1..=5).contains(&requests), "{requests} requests");
     let (changed, spent): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE sync_status <> 'pending' OR last_error_code IS NOT NULL),
@@ -475,5 +481,9 @@ async fn a_redirect_changes_no_row_and_run_once_exits_2() {
     .fetch_one(&db.pool)
     .await
     .expect("reading the rows");
-    assert_eq!((changed, spent), (0, 0), "no row changes or spends an attempt");
+    assert_eq!(
+        (changed, spent),
+        (0, 0),
+        "no row changes or spends an attempt"
+    );
 }

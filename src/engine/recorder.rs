@@ -10,6 +10,7 @@ use super::Shared;
 use super::shutdown::Backoff;
 use super::worker::Done;
 use crate::outbox::store::{Disposition, Record};
+use crate::profile::LogId;
 
 /// Most records written by one statement.
 const MAX_BATCH: usize = 1_000;
@@ -37,7 +38,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: Receiver<Done>, wake: Arc<N
                             Ok(a) => applied.extend(a),
                             Err(e) => tracing::error!(
                                 outbox_id = r.id,
-                                customer_id = %r.customer_id,
+                                customer_id = %LogId(&r.customer_id),
                                 sqlstate = e.as_database_error().and_then(|d| d.code()).as_deref().unwrap_or("-"),
                                 "the database refused this row's outcome; the row is taken again when its lease expires"
                             ),
@@ -47,8 +48,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: Receiver<Done>, wake: Arc<N
                     break;
                 }
                 Err(e) => {
-                    // Keep the outcomes until the database is back; the rows' leases keep
-                    // them ours meanwhile, and a lost lease makes the write a no-op.
+                    // Anything else may pass (an outage, a failover to a read-only node: 25006,
+                    // 55000, ...): keep the outcomes until the database takes them; the rows'
+                    // leases keep them ours meanwhile, and a lost lease makes the write a no-op.
+                    // Dropping them would send those rows again once their leases expire.
                     let delay = backoff.failed(&e, &shared.health);
                     if shared.hard_stop.is_cancelled()
                         && shared.stop.is_cancelled()
@@ -85,15 +88,18 @@ fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
             (Disposition::Release, _) => continue,
         };
         if !applied_ids.contains(&r.id) {
-            tracing::warn!(outbox_id = r.id, customer_id = %r.customer_id, outcome, "outcome not written: the row's lease had passed to another worker");
+            tracing::warn!(outbox_id = r.id, customer_id = %LogId(&r.customer_id), outcome, "outcome not written: the row's lease had passed to another worker");
             continue;
         }
         metrics::counter!("imprint_sync_rows_total", "outcome" => outcome).increment(1);
     }
 }
 
-/// A refusal of the data (SQLSTATE classes 22 and 23, …), as opposed to the database being
-/// away or busy, which is waited out.
+/// A refusal of the data itself (SQLSTATE class 22, data exception, or 23, integrity
+/// constraint violation): only these are worth writing the batch row by row. Everything else
+/// says nothing against an outcome and is waited out.
 fn refused(e: &sqlx::Error) -> bool {
-    e.as_database_error().is_some() && !crate::db::is_transient(e)
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
 }

@@ -36,8 +36,11 @@ pub(crate) struct Done {
 }
 
 pub(crate) async fn work(shared: Arc<Shared>, job: Job, tx: tokio::sync::mpsc::Sender<Done>) {
-    let span =
-        tracing::info_span!("row", outbox_id = job.row.id, customer_id = %job.row.customer_id);
+    let span = tracing::info_span!(
+        "row",
+        outbox_id = job.row.id,
+        customer_id = %profile::LogId(&job.row.customer_id)
+    );
     let Some(record) = process(&shared, &job.row, job.claimed_at)
         .instrument(span)
         .await
@@ -61,7 +64,7 @@ async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Optio
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 outbox_id = row.id,
-                customer_id = %row.customer_id,
+                customer_id = %profile::LogId(&row.customer_id),
                 error_code = "invalid_profile",
                 field = e.field,
                 "row cannot be mapped; marked failed"
@@ -151,9 +154,30 @@ async fn send(
                     imprint_updated_at: customer.updated_at(),
                     statuses: customer.statuses.as_ref().map(json_text),
                     drift: customer.drift(request).as_ref().map(json_text),
-                    response: customer.into_stored(shared.settings.keep_sensitive),
+                    response: Some(customer.into_stored(shared.settings.keep_sensitive)),
                 };
                 return record(row, disposition, Some(status), None, None, attempts);
+            }
+            Answer::Accepted { status, error } => {
+                // Accepted, so final; what Imprint now holds is unknown, so no state is kept
+                // (the previous one is stale) and the code says why.
+                attempts.push(log("synced", Some(status), Some(&error.code), None));
+                shared.stats.synced.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(http_status = status, error_code = %error.code, "synced, but the answer could not be read");
+                let disposition = Disposition::Synced {
+                    imprint_updated_at: None,
+                    statuses: None,
+                    drift: None,
+                    response: None,
+                };
+                return record(
+                    row,
+                    disposition,
+                    Some(status),
+                    Some(error.code),
+                    Some(error.message),
+                    attempts,
+                );
             }
             Answer::RateLimited { retry_after } => {
                 // Not an attempt: the gate and the rate limiter now hold every sender back.
@@ -167,12 +191,21 @@ async fn send(
             }
             Answer::AuthRejected { status, error } => {
                 shared.stats.auth_rejected.store(true, Ordering::Relaxed);
-                attempts.push(log("auth_rejected", Some(status), Some(&error.code), None));
-                if shared.mode.once {
-                    // `run --once` cannot succeed with a rejected key: stop and say so.
-                    shared.stop.cancel();
-                }
-                return release(row, attempts);
+                return paused(
+                    shared,
+                    row,
+                    attempts,
+                    log("auth_rejected", Some(status), Some(&error.code), None),
+                );
+            }
+            Answer::Redirected { status, error } => {
+                shared.stats.redirected.store(true, Ordering::Relaxed);
+                return paused(
+                    shared,
+                    row,
+                    attempts,
+                    log("redirected", Some(status), Some(&error.code), None),
+                );
             }
             Answer::Retry { status, error } => {
                 attempts.push(log(
@@ -190,7 +223,10 @@ async fn send(
                         Disposition::Failed { counts: true },
                         status,
                         Some("max_attempts_exceeded".into()),
-                        Some(format!("after {n} attempts, last error: {message}")),
+                        Some(format!(
+                            "after {n} attempts, last error {}: {message}",
+                            error.code
+                        )),
                         attempts,
                     );
                 }
@@ -236,6 +272,21 @@ async fn send(
     }
 }
 
+/// An answer that pauses all sending (a rejected key, a redirect): the row goes back
+/// untouched, and `run --once`, which cannot succeed so, stops.
+fn paused(
+    shared: &Shared,
+    row: &OutboxRow,
+    mut attempts: Vec<AttemptLog>,
+    attempt: AttemptLog,
+) -> Record {
+    attempts.push(attempt);
+    if shared.mode.once {
+        shared.stop.cancel();
+    }
+    release(row, attempts)
+}
+
 /// The stored message: the blamed field first, where the API names one.
 fn describe(error: &crate::imprint::error::ApiError) -> String {
     match &error.param {
@@ -247,7 +298,8 @@ fn describe(error: &crate::imprint::error::ApiError) -> String {
 fn observe(answer: &Answer, duration: Duration) {
     let class =
         match answer {
-            Answer::Synced { .. } => "2xx",
+            Answer::Synced { .. } | Answer::Accepted { .. } => "2xx",
+            Answer::Redirected { .. } => "3xx",
             Answer::RateLimited { .. } => "429",
             Answer::Failed { status, .. } | Answer::AuthRejected { status, .. } => {
                 if *status >= 500 { "5xx" } else { "4xx" }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::imprint::error::Answer;
-pub use circuit::{Gate, GateState};
+pub use circuit::{Gate, GateState, Refusal};
 pub use rate::AdaptiveRate;
 
 /// May this request go?
@@ -74,18 +74,24 @@ impl Traffic {
                 self.rate.on_rate_limited(*retry_after);
                 self.gate.on_rate_limited(*retry_after, probe);
             }
-            Answer::Synced { .. } | Answer::Failed { .. } => {
+            // An answer that cannot be verified is still an answer: the API is up.
+            Answer::Synced { .. } | Answer::Accepted { .. } | Answer::Failed { .. } => {
                 self.rate.on_success();
                 self.gate.on_success(probe);
             }
             Answer::Retry { .. } => self.gate.on_failure(probe),
-            Answer::AuthRejected { status, .. } => self.gate.on_auth_rejected(*status, probe),
+            Answer::AuthRejected { status, .. } => {
+                self.gate.on_refused(Refusal::Key, *status, probe)
+            }
+            Answer::Redirected { status, .. } => {
+                self.gate.on_refused(Refusal::Redirect, *status, probe)
+            }
         }
     }
 
-    /// Sending is paused because the API key was rejected.
-    pub fn auth_paused(&self) -> bool {
-        self.gate.state() == GateState::AuthPaused
+    /// Why sending is paused for the operator to fix (for `/readyz`), if it is.
+    pub fn pause_reason(&self) -> Option<&'static str> {
+        self.gate.refusal().map(Refusal::reason)
     }
 
     /// A pause (429, open circuit, auth) is in force: claiming more rows would only hold them.
