@@ -455,6 +455,10 @@ async fn a_64_mb_answer_is_never_held_in_memory() {
     let ids = insert(&db.pool, &[profile(&customer, 1)]).await;
     let env = env_with(&db.url, &api, &[("SYNC__MAX_ATTEMPTS", "1")]);
 
+    #[expect(
+        clippy::zombie_processes,
+        reason = "reaped by wait4 below, which also reports its peak memory"
+    )]
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_imprint-sync"))
         .args(["run", "--once"])
         .env_clear()

@@ -104,3 +104,60 @@ impl Traffic {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imprint::error::ApiError;
+
+    fn traffic() -> Traffic {
+        Traffic {
+            rate: AdaptiveRate::new(100.0, 10),
+            gate: Gate::new(circuit::GateSettings::default()),
+        }
+    }
+
+    /// An accepted answer that cannot be read says the API is up: it never opens the circuit,
+    /// as the same number of failures would.
+    #[tokio::test(start_paused = true)]
+    async fn unverifiable_answers_never_open_the_circuit() {
+        let t = traffic();
+        let accepted = Answer::Accepted {
+            status: 204,
+            error: ApiError::new("unverified_response", "HTTP 204 with an empty body"),
+        };
+        for _ in 0..20 {
+            t.report(&accepted, false);
+        }
+        assert_eq!(t.gate.state(), GateState::Closed);
+        let failed = Answer::Retry {
+            status: Some(500),
+            error: ApiError::new("http_500", "HTTP 500"),
+        };
+        for _ in 0..5 {
+            t.report(&failed, false);
+        }
+        assert_eq!(t.gate.state(), GateState::CircuitOpen, "the control case");
+    }
+
+    /// A redirect pauses sending like a rejected key, and the reason names `api.base_url`.
+    #[tokio::test(start_paused = true)]
+    async fn a_redirect_pauses_sending_naming_the_base_url() {
+        let t = traffic();
+        assert_eq!(t.pause_reason(), None);
+        let redirected = Answer::Redirected {
+            status: 302,
+            error: ApiError::new("http_302", "HTTP 302"),
+        };
+        t.report(&redirected, true);
+        assert_eq!(t.gate.state(), GateState::AuthPaused);
+        assert!(t.paused_for().is_some());
+        assert!(t.pause_reason().is_some_and(|r| r.contains("api.base_url")));
+        let rejected = Answer::AuthRejected {
+            status: 401,
+            error: ApiError::new("http_401", "HTTP 401"),
+        };
+        t.report(&rejected, true);
+        assert!(t.pause_reason().is_some_and(|r| r.contains("api.key")));
+    }
+}
