@@ -774,40 +774,10 @@ async fn outcomes_outlive_a_read_only_database() {
         counts(&db.pool).await.get("in_flight") == Some(&20)
     })
     .await;
-    // Every new session of this database is read-only from now on; end the old ones.
-    let read_only = |on: bool| {
-        let db = &db;
-        async move {
-            let mut admin = db.admin().await;
-            let alter = if on {
-                format!(
-                    r#"ALTER DATABASE "{}" SET default_transaction_read_only = on"#,
-                    db.name
-                )
-            } else {
-                format!(
-                    r#"ALTER DATABASE "{}" RESET default_transaction_read_only"#,
-                    db.name
-                )
-            };
-            sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
-                .execute(&mut admin)
-                .await
-                .unwrap();
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-            )
-            .bind(&db.name)
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        }
-    };
-    read_only(true).await;
+    db.set_read_only(true).await;
     // The answers come back (1.5 s) while the database refuses writes.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    read_only(false).await;
+    db.set_read_only(false).await;
 
     let summary = run.await.unwrap().expect("the run ends");
     assert_eq!(counts(&db.pool).await.get("synced"), Some(&20));

@@ -189,23 +189,20 @@ async fn send(
                 attempts.push(log("rate_limited", Some(429), Some("rate_limited"), None));
                 continue;
             }
-            Answer::AuthRejected { status, error } => {
-                shared.stats.auth_rejected.store(true, Ordering::Relaxed);
-                return paused(
-                    shared,
-                    row,
-                    attempts,
-                    log("auth_rejected", Some(status), Some(&error.code), None),
-                );
-            }
-            Answer::Redirected { status, error } => {
-                shared.stats.redirected.store(true, Ordering::Relaxed);
-                return paused(
-                    shared,
-                    row,
-                    attempts,
-                    log("redirected", Some(status), Some(&error.code), None),
-                );
+            // Answers no row gets past (a rejected key; a redirect, i.e. a wrong base URL):
+            // the row goes back untouched, and `run --once`, which cannot succeed so, stops.
+            Answer::AuthRejected { status, error } | Answer::Redirected { status, error } => {
+                let (flag, outcome) = if (300..400).contains(&status) {
+                    (&shared.stats.redirected, "redirected")
+                } else {
+                    (&shared.stats.auth_rejected, "auth_rejected")
+                };
+                flag.store(true, Ordering::Relaxed);
+                attempts.push(log(outcome, Some(status), Some(&error.code), None));
+                if shared.mode.once {
+                    shared.stop.cancel();
+                }
+                return release(row, attempts);
             }
             Answer::Retry { status, error } => {
                 attempts.push(log(
@@ -270,21 +267,6 @@ async fn send(
             }
         }
     }
-}
-
-/// An answer that pauses all sending (a rejected key, a redirect): the row goes back
-/// untouched, and `run --once`, which cannot succeed so, stops.
-fn paused(
-    shared: &Shared,
-    row: &OutboxRow,
-    mut attempts: Vec<AttemptLog>,
-    attempt: AttemptLog,
-) -> Record {
-    attempts.push(attempt);
-    if shared.mode.once {
-        shared.stop.cancel();
-    }
-    release(row, attempts)
 }
 
 /// The stored message: the blamed field first, where the API names one.
