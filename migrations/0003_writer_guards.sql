@@ -4,6 +4,7 @@
 -- * `id` is GENERATED ALWAYS: an explicit id (a huge one supersedes every later change, a
 --   low one collides with the sequence later) is refused unless OVERRIDING SYSTEM VALUE is
 --   said, which the writer role's column grants (deploy/sql/roles.sql) do not allow anyway.
+--   Explicit ids inserted before are moved behind the sequence.
 -- * An `in_flight` row must carry a lease: one without could never be rescued and would
 --   block its customer forever. Rows already in that state are put back to `pending`.
 --
@@ -34,6 +35,19 @@ $constraint$;
 UPDATE imprint_sync.customer_outbox
 SET sync_status = 'pending', lease_expires_at = NULL, leased_by = NULL, updated_at = now()
 WHERE sync_status = 'in_flight' AND (lease_expires_at IS NULL OR leased_by IS NULL);
+
+-- Explicit ids already inserted ahead of the sequence would make a later ordinary insert
+-- fail on the primary key: move the sequence past them.
+DO $sequence$
+DECLARE
+    seq  text   := pg_get_serial_sequence('imprint_sync.customer_outbox', 'id');
+    high bigint := (SELECT max(id) FROM imprint_sync.customer_outbox);
+BEGIN
+    IF high IS NOT NULL THEN
+        PERFORM setval(seq, GREATEST(high, nextval(seq)));
+    END IF;
+END
+$sequence$;
 
 COMMIT;
 

@@ -89,7 +89,7 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
             ),
         ));
     }
-    for (name, value) in parsed.query_pairs() {
+    for (name, _) in parsed.query_pairs() {
         let indexed_option = name.starts_with("options[") && name.ends_with(']');
         if !(URL_PARAMS.contains(&&*name) || indexed_option) {
             return Err(ConfigError::new(
@@ -101,15 +101,26 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
                 ),
             ));
         }
-        if URL_FILE_PARAMS.contains(&&*name) && !std::path::Path::new(&*value).is_file() {
-            return Err(ConfigError::new(
-                URL_KEY,
-                format!("{name}: no such file: {value}"),
-            ));
-        }
     }
     url.parse()
         .map_err(|e: sqlx::Error| ConfigError::new(URL_KEY, e.to_string()))
+}
+
+/// The certificate files `database.url` names must be readable where the daemon runs: sqlx
+/// would report a missing one as an I/O error, which looks transient and is retried forever.
+/// Checked when connecting, not by `check-config`, which may run on another machine.
+fn check_url_files(url: &str) -> Result<(), ConfigError> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    for (name, value) in parsed.query_pairs() {
+        if URL_FILE_PARAMS.contains(&&*name) {
+            std::fs::File::open(&*value).map_err(|e| {
+                ConfigError::new(URL_KEY, format!("{name}: cannot read {value}: {e}"))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// The pool of `run` and `status`. Every connection carries a `statement_timeout`, a
@@ -122,6 +133,7 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         ("statement_timeout", statement.as_str()),
         ("lock_timeout", lock.as_str()),
     ];
+    check_url_files(&settings.url)?;
     let opts = connect_options(&settings.url)?
         .options(session)
         .options(SERVER_KEEPALIVES);
@@ -131,6 +143,7 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
 /// The pool of `migrate`: no statement or lock timeout, since a migration may scan a large
 /// table, and waits on the advisory lock while another replica migrates.
 pub fn migration_pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    check_url_files(&settings.url)?;
     let opts = connect_options(&settings.url)?.options(SERVER_KEEPALIVES);
     Ok(pool_options(settings).connect_lazy_with(opts))
 }

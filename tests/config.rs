@@ -437,11 +437,6 @@ fn out_of_range_and_unusable_values_exit_64_naming_the_key() {
             "postgres://app@db.internal:5432/app?ssl_mode=verify-full",
             "database.url",
         ),
-        (
-            "DATABASE_URL",
-            "postgres://app@db.internal:5432/app?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
-            "database.url",
-        ),
         ("DATABASE_URL", "mysql://app@db.internal/app", "database.url"),
     ];
     for (var, value, key) in cases {
