@@ -160,15 +160,24 @@ fn pool_options(settings: &DatabaseSettings) -> PgPoolOptions {
 pub fn config_error(e: &anyhow::Error) -> Option<ConfigError> {
     e.chain()
         .filter_map(|c| c.downcast_ref::<sqlx::Error>())
-        .find_map(|e| match e {
-            sqlx::Error::Tls(tls) => Some(ConfigError::new(
-                URL_KEY,
-                format!(
-                    "TLS with the database failed: {tls} (check sslmode and sslrootcert)"
-                ),
-            )),
-            sqlx::Error::Configuration(c) => Some(ConfigError::new(URL_KEY, c.to_string())),
-            _ => None,
+        .find_map(|e| {
+            let tls = |why: &dyn std::fmt::Display| {
+                ConfigError::new(
+                    URL_KEY,
+                    format!("TLS with the database failed: {why} (check sslmode and sslrootcert)"),
+                )
+            };
+            match e {
+                sqlx::Error::Tls(why) => Some(tls(why)),
+                // A certificate refused during the handshake comes as an I/O error whose
+                // cause is rustls's.
+                sqlx::Error::Io(io) => io
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .map(|why| tls(why)),
+                sqlx::Error::Configuration(c) => Some(ConfigError::new(URL_KEY, c.to_string())),
+                _ => None,
+            }
         })
 }
 
