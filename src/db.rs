@@ -83,10 +83,7 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err(ConfigError::new(
             URL_KEY,
-            format!(
-                "scheme `{}` is not postgres or postgresql",
-                parsed.scheme()
-            ),
+            format!("scheme `{}` is not postgres or postgresql", parsed.scheme()),
         ));
     }
     for (name, _) in parsed.query_pairs() {

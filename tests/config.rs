@@ -392,7 +392,11 @@ fn out_of_range_and_unusable_values_exit_64_naming_the_key() {
             "18446744073709551000",
             "api.timeout_ms",
         ),
-        ("IMPRINT_SYNC__SYNC__BATCH_SIZE", "1000000", "sync.batch_size"),
+        (
+            "IMPRINT_SYNC__SYNC__BATCH_SIZE",
+            "1000000",
+            "sync.batch_size",
+        ),
         (
             "IMPRINT_SYNC__SYNC__MAX_ATTEMPTS",
             "4294967295",
@@ -437,7 +441,11 @@ fn out_of_range_and_unusable_values_exit_64_naming_the_key() {
             "postgres://app@db.internal:5432/app?ssl_mode=verify-full",
             "database.url",
         ),
-        ("DATABASE_URL", "mysql://app@db.internal/app", "database.url"),
+        (
+            "DATABASE_URL",
+            "mysql://app@db.internal/app",
+            "database.url",
+        ),
     ];
     for (var, value, key) in cases {
         let out = check_config(&[(var, value)]);

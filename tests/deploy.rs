@@ -1201,7 +1201,10 @@ mod roles {
         .await
         .expect_err("an explicit id is refused");
         assert_eq!(
-            explicit_id.as_database_error().and_then(|e| e.code()).as_deref(),
+            explicit_id
+                .as_database_error()
+                .and_then(|e| e.code())
+                .as_deref(),
             Some("428C9"),
             "generated_always: {explicit_id}"
         );
@@ -1367,10 +1370,9 @@ mod roles {
         }
 
         let sandbox = super::common::sandbox(Default::default()).await;
-        let mut url = url::Url::parse(
-            &std::env::var("DATABASE_URL").unwrap_or_else(|_| LOCAL.to_owned()),
-        )
-        .unwrap();
+        let mut url =
+            url::Url::parse(&std::env::var("DATABASE_URL").unwrap_or_else(|_| LOCAL.to_owned()))
+                .unwrap();
         url.set_username("imprint_sync_daemon").unwrap();
         let _ = url.set_password(None);
         url.set_path(&scratch.name);
@@ -1391,7 +1393,12 @@ mod roles {
         assert_eq!(synced, 3, "{}", run.stderr());
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let out = super::common::run_binary(&["status"], &env);
-        assert_eq!(out.status.code(), Some(0), "{}", super::common::output_text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            super::common::output_text(&out)
+        );
         superuser.close().await;
     }
 }
@@ -1464,7 +1471,14 @@ mod tls {
             chown(dir.path());
             as_postgres(
                 "initdb",
-                &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres"],
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                ],
             );
             let ca = ca("imprint-sync test CA");
             std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
@@ -1564,7 +1578,10 @@ mod tls {
         .fetch_one(&pool)
         .await
         .expect("querying over TLS");
-        assert!(ssl, "pg_stat_ssl.ssl must be true for the daemon's connection");
+        assert!(
+            ssl,
+            "pg_stat_ssl.ssl must be true for the daemon's connection"
+        );
         assert_eq!(
             (statement.as_str(), lock.as_str(), idle.as_str()),
             ("30s", "5s", "30"),
@@ -1581,7 +1598,10 @@ mod tls {
                 let out = run_binary(args, &[("DATABASE_URL", &bad)]);
                 let text = output_text(&out);
                 assert_eq!(out.status.code(), Some(64), "{args:?} with {what}: {text}");
-                assert!(text.contains("`database.url`"), "{args:?} with {what}: {text}");
+                assert!(
+                    text.contains("`database.url`"),
+                    "{args:?} with {what}: {text}"
+                );
             }
             let out = run_binary(&["status"], &[("DATABASE_URL", &bad)]);
             if ca == "wrong-ca.pem" {
@@ -1605,8 +1625,17 @@ mod tls {
                 ),
             ];
             let mut daemon = Daemon::start(&["run", "--once"], &env);
-            assert_eq!(daemon.exit_code(30).await, 64, "run with {what}: {}", daemon.stderr());
-            assert!(daemon.stderr().contains("`database.url`"), "{}", daemon.stderr());
+            assert_eq!(
+                daemon.exit_code(30).await,
+                64,
+                "run with {what}: {}",
+                daemon.stderr()
+            );
+            assert!(
+                daemon.stderr().contains("`database.url`"),
+                "{}",
+                daemon.stderr()
+            );
         }
     }
 }

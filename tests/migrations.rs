@@ -379,7 +379,10 @@ async fn the_outbox_id_is_always_generated() {
 async fn migration_0003_rescues_lease_less_in_flight_rows_and_validates() {
     let db = TestDb::empty().await;
     let migrator = imprint_sync::db::migrator();
-    migrator.run_to(2, &db.pool).await.expect("migrations 1 and 2");
+    migrator
+        .run_to(2, &db.pool)
+        .await
+        .expect("migrations 1 and 2");
     sqlx::raw_sql(
         "INSERT INTO imprint_sync.customer_outbox (customer_id, email) VALUES ('A', 'a@example.com');
          INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('B', 'in_flight');
@@ -430,7 +433,10 @@ async fn migration_0003_rescues_lease_less_in_flight_rows_and_validates() {
     .fetch_one(&db.pool)
     .await
     .expect("an ordinary insert after an explicit id");
-    assert!(next > 1000, "the sequence moved past the explicit ids: {next}");
+    assert!(
+        next > 1000,
+        "the sequence moved past the explicit ids: {next}"
+    );
     // Running it all again changes nothing.
     let out = migrate(&db);
     assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
