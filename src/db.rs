@@ -10,11 +10,9 @@ use crate::config::{ConfigError, DatabaseSettings};
 
 const URL_KEY: &str = "database.url";
 
-/// The query parameters of `database.url` that sqlx understands. sqlx ignores any other one
-/// (and logs it with its value), so a misspelt `sslmode` would silently mean plaintext: refused.
-const URL_PARAMS: [&str; 18] = [
-    "sslmode",
-    "ssl-mode",
+/// Parameters of `database.url` that name a file read at connect time: a missing one is a
+/// configuration error at start, not a failed connection retried forever.
+const URL_FILE_PARAMS: [&str; 7] = [
     "sslrootcert",
     "ssl-root-cert",
     "ssl-ca",
@@ -22,6 +20,14 @@ const URL_PARAMS: [&str; 18] = [
     "ssl-cert",
     "sslkey",
     "ssl-key",
+];
+
+/// The other query parameters of `database.url` that sqlx understands. sqlx ignores any
+/// other one (and logs it with its value), so a misspelt `sslmode` would silently mean
+/// plaintext: refused.
+const URL_PARAMS: [&str; 11] = [
+    "sslmode",
+    "ssl-mode",
     "statement-cache-capacity",
     "host",
     "hostaddr",
@@ -31,18 +37,6 @@ const URL_PARAMS: [&str; 18] = [
     "password",
     "application_name",
     "options",
-];
-
-/// Parameters that name a file read at connect time: a missing one is a configuration error
-/// now, not a failed connection later.
-const URL_FILE_PARAMS: [&str; 7] = [
-    "sslrootcert",
-    "ssl-root-cert",
-    "ssl-ca",
-    "sslcert",
-    "ssl-cert",
-    "sslkey",
-    "ssl-key",
 ];
 
 /// TCP keepalives the server applies to our connections (seconds, seconds, probes): a
@@ -88,13 +82,14 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
     }
     for (name, _) in parsed.query_pairs() {
         let indexed_option = name.starts_with("options[") && name.ends_with(']');
-        if !(URL_PARAMS.contains(&&*name) || indexed_option) {
+        if !(URL_PARAMS.contains(&&*name) || URL_FILE_PARAMS.contains(&&*name) || indexed_option) {
             return Err(ConfigError::new(
                 URL_KEY,
                 format!(
-                    "unknown parameter `{}` (known: {})",
+                    "unknown parameter `{}` (known: {}, {})",
                     name.chars().take(40).collect::<String>(),
-                    URL_PARAMS.join(", ")
+                    URL_PARAMS.join(", "),
+                    URL_FILE_PARAMS.join(", ")
                 ),
             ));
         }

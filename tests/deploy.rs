@@ -1084,23 +1084,28 @@ mod roles {
         .unwrap_or_else(|e| panic!("deploy/sql/roles.sql failed: {e}"));
     }
 
-    #[tokio::test]
-    async fn roles_sql_grants_least_privilege() {
+    /// A scratch database set up as the docs say: roles first (they may already exist:
+    /// roles are cluster-wide), then the migrations as the migrator, then roles.sql again:
+    /// idempotent, and it grants on the new tables. Returns a superuser and a migrator pool.
+    async fn with_roles() -> (Scratch, PgPool, PgPool) {
         let scratch = Scratch::create().await;
         let superuser = PgPoolOptions::new()
             .max_connections(1)
             .connect_with(scratch.opts.clone())
             .await
             .unwrap();
-
-        // Roles first (they may already exist: roles are cluster-wide), then the migrations
-        // as the migrator, then roles.sql again: idempotent, and it grants on the new tables.
         run_roles_sql(&superuser).await;
         let migrator = scratch.pool_as("imprint_sync_migrator").await;
         imprint_sync::db::migrate(&migrator)
             .await
             .expect("the migrator role can apply every migration");
         run_roles_sql(&superuser).await;
+        (scratch, superuser, migrator)
+    }
+
+    #[tokio::test]
+    async fn roles_sql_grants_least_privilege() {
+        let (scratch, superuser, migrator) = with_roles().await;
 
         // Everything in the schema belongs to the migrator.
         let owners: Vec<(String, String)> = sqlx::query_as(
@@ -1344,17 +1349,8 @@ mod roles {
     /// makes (claim, write-back, attempt log, heartbeat, retention, status) is granted.
     #[tokio::test]
     async fn the_daemon_role_drains_what_the_writer_role_inserts() {
-        let scratch = Scratch::create().await;
-        let superuser = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(scratch.opts.clone())
-            .await
-            .unwrap();
-        run_roles_sql(&superuser).await;
-        let migrator = scratch.pool_as("imprint_sync_migrator").await;
-        imprint_sync::db::migrate(&migrator).await.unwrap();
+        let (scratch, superuser, migrator) = with_roles().await;
         migrator.close().await;
-        run_roles_sql(&superuser).await;
 
         let customers: Vec<String> = (1..=3).map(|n| super::common::customer_id(1, n)).collect();
         for (n, c) in customers.iter().enumerate() {
