@@ -37,6 +37,20 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .connect_lazy_with(connect_options(&settings.url)?))
 }
 
+/// A pool for a one-shot command (`status`, `failed`, `history`): connects now, so a
+/// database that is down is named with the real error (refused, unknown host, bad password)
+/// rather than a pool timeout behind a query.
+pub async fn connect_now(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    let pool = pool(settings)?;
+    drop(pool.acquire().await.with_context(|| {
+        format!(
+            "connecting to the database at {} (database.url)",
+            crate::config::redact_database_url(&settings.url)
+        )
+    })?);
+    Ok(pool)
+}
+
 /// The database is away or busy, not refusing the data: connection failures (08), a server
 /// starting up or shutting down (57), resources (53), a rolled-back transaction (40), or no
 /// answer at all. Waited out with backoff; anything else is a real error.
