@@ -167,8 +167,6 @@ pub async fn spawn(
         .with_context(|| format!("binding the admin server to {addr} (admin.listen)"))?;
     let bound = listener.local_addr()?;
     let poll = Duration::from_millis(settings.sync.poll_interval_ms);
-    metrics::gauge!("imprint_sync_rate_limit_configured_rps")
-        .set(settings.rate_limit.requests_per_second);
     let state = AppState {
         store: store.clone(),
         health,
@@ -179,6 +177,9 @@ pub async fn spawn(
             + Duration::from_secs(5),
         live_within: poll + Duration::from_millis(settings.sync.lease_ms) * 2,
     };
+    // After metrics_handle(): a gauge set before the recorder is installed is lost.
+    metrics::gauge!("imprint_sync_rate_limit_configured_rps")
+        .set(settings.rate_limit.requests_per_second);
     let app = Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))

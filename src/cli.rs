@@ -74,7 +74,9 @@ impl FailedFilter {
 
 /// A duration as operators type it: a whole number and a unit (s, m, h or d).
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()

@@ -56,7 +56,13 @@ pub fn dead_letter_table(rows: &[DeadLetter]) -> String {
         .collect();
     table(
         &[
-            "ID", "CUSTOMER", "CODE", "HTTP", "ATTEMPTS", "FAILED AT", "MESSAGE",
+            "ID",
+            "CUSTOMER",
+            "CODE",
+            "HTTP",
+            "ATTEMPTS",
+            "FAILED AT",
+            "MESSAGE",
         ],
         &cells,
     )
@@ -85,7 +91,8 @@ pub fn history_text(h: &History) -> String {
     match &h.sync_state {
         None => out.push_str("  - (never synced)\n"),
         Some(s) => {
-            let json = |v: &Option<serde_json::Value>| v.as_ref().map_or("-".into(), |v| v.to_string());
+            let json =
+                |v: &Option<serde_json::Value>| v.as_ref().map_or("-".into(), |v| v.to_string());
             for (k, v) in [
                 ("last synced row", s.last_synced_outbox_id.to_string()),
                 ("last synced at", time(&s.last_synced_at)),
@@ -115,7 +122,13 @@ pub fn history_text(h: &History) -> String {
     out.push_str(&format!("\noutbox rows ({})\n", h.rows.len()));
     out.push_str(&table(
         &[
-            "ID", "STATUS", "ENQUEUED", "SYNCED", "ATTEMPTS", "CODE", "SUPERSEDED BY",
+            "ID",
+            "STATUS",
+            "ENQUEUED",
+            "SYNCED",
+            "ATTEMPTS",
+            "CODE",
+            "SUPERSEDED BY",
         ],
         &rows,
     ));
