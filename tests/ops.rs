@@ -565,6 +565,38 @@ fn assert_green(run: &DemoRun) {
         let n = summary_number(&run.stdout, label);
         assert!(n > 0.0, "{label} is {n}:\n{}", run.stdout);
     }
+    // The numbers add up on their face: every seeded row is synced, superseded or failed,
+    // and the rows invalid on purpose are the superseded invalid ones plus invalid_profile.
+    let seeded = summary_number(&run.stdout, "rows seeded");
+    let finished = ["synced", "superseded", "failed"]
+        .map(|l| summary_number(&run.stdout, l))
+        .iter()
+        .sum::<f64>();
+    assert_eq!(finished, seeded, "{}", run.stdout);
+    assert_eq!(
+        summary_number(&run.stdout, "synced + superseded + failed"),
+        seeded
+    );
+    let invalid: f64 = run
+        .stdout
+        .split("carry an invalid field")
+        .next()
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no invalid count:\n{}", run.stdout));
+    assert_eq!(
+        summary_number(&run.stdout, "of them invalid on purpose")
+            + summary_number(&run.stdout, "invalid_profile"),
+        invalid,
+        "{}",
+        run.stdout
+    );
+    // The invalid rows are counted, not logged one by one over the progress bar.
+    assert!(
+        !run.all.contains("WARN"),
+        "per-row logs on screen:\n{}",
+        run.all
+    );
     // A table: the numbers end in one column.
     let ends: BTreeSet<usize> = summary(&run.stdout)
         .iter()
