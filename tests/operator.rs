@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{Daemon, TestDb, eventually, output_text, row, run_binary, sandbox, test_env};
+use common::{
+    Daemon, TestDb, admin_addr, eventually, output_text, row, run_binary, sandbox, test_env,
+};
 use imprint_sync::sandbox::Faults;
 use serde_json::Value;
 
@@ -695,20 +697,6 @@ fn unexported(exprs: &[(String, String)], exported: &str) -> Vec<String> {
         }
     }
     missing
-}
-
-async fn admin_addr(daemon: &Daemon) -> std::net::SocketAddr {
-    let mut found = None;
-    eventually(30, "the daemon logs its admin address", || {
-        found = daemon
-            .stderr()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find_map(|v| v.get("admin")?.as_str()?.parse().ok());
-        std::future::ready(found.is_some())
-    })
-    .await;
-    found.expect("admin address")
 }
 
 async fn get(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
