@@ -30,10 +30,11 @@ pub async fn failed(settings: &Settings, args: &FailedArgs) -> anyhow::Result<()
 pub fn failed_table(d: &DeadLetters) -> String {
     let mut out = dead_letter_table(&d.rows);
     let shown = d.rows.len() as i64;
+    let rows = if d.total == 1 { "row" } else { "rows" };
     out.push_str(&if shown < d.total {
-        format!("{shown} of {} failed rows shown (--limit)\n", d.total)
+        format!("{shown} of {} failed {rows} shown (--limit)\n", d.total)
     } else {
-        format!("{} failed rows\n", d.total)
+        format!("{} failed {rows}\n", d.total)
     });
     out
 }

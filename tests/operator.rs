@@ -766,3 +766,45 @@ async fn admin_serves_status_and_exports_every_metric_alerts_and_dashboard_name(
     daemon.signal("TERM");
     assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
 }
+
+/// Every alert carries severity, summary and a runbook_url that points at a heading of
+/// docs/operations.md (GitHub's anchor: lower case, spaces to dashes).
+#[test]
+fn every_alert_has_a_severity_a_summary_and_a_runbook_heading() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let docs = std::fs::read_to_string(format!("{root}/docs/operations.md")).unwrap();
+    let anchors: BTreeSet<String> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|h| {
+            h.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+                .collect::<String>()
+                .replace(' ', "-")
+        })
+        .collect();
+    let rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/monitoring/rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut alerts = 0;
+    for rule in rules["groups"][0]["rules"].as_sequence().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
+        alerts += 1;
+        assert!(rule["labels"]["severity"].is_string(), "{name}: severity");
+        assert!(
+            rule["annotations"]["summary"].is_string(),
+            "{name}: summary"
+        );
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+        let anchor = url
+            .split_once("docs/operations.md#")
+            .unwrap_or_else(|| panic!("{name}: {url} is not into docs/operations.md"))
+            .1;
+        assert!(anchors.contains(anchor), "{name}: no heading for #{anchor}");
+    }
+    assert_eq!(alerts, 8);
+}
