@@ -45,10 +45,10 @@ async fn read(pool: &PgPool) -> anyhow::Result<StatusReport> {
         .context("reading the outbox status (is the schema migrated? run `imprint-sync migrate`)")
 }
 
-/// Redraws the table until SIGINT/SIGTERM.
+/// Redraws the table until Ctrl-C (SIGTERM ends the process as usual).
 async fn watch(pool: &PgPool, every: Duration) -> anyhow::Result<u8> {
-    let stop = tokio_util::sync::CancellationToken::new();
-    crate::engine::shutdown::on_signals(stop.clone());
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         let report = read(pool).await?;
         // Clear the screen and home the cursor: a redraw, not a scroll.
@@ -59,7 +59,7 @@ async fn watch(pool: &PgPool, every: Duration) -> anyhow::Result<u8> {
             chrono::Utc::now().format("%H:%M:%S")
         );
         tokio::select! {
-            _ = stop.cancelled() => return Ok(exit::OK),
+            _ = &mut interrupted => return Ok(exit::OK),
             _ = tokio::time::sleep(every) => {}
         }
     }

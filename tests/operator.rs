@@ -476,6 +476,30 @@ async fn status_check_exits_1_naming_each_breach_and_0_when_all_hold() {
     assert_eq!(out.status.code(), Some(64), "{}", output_text(&out));
 }
 
+/// `status --watch 1` redraws the table each second until interrupted, then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_redraws_until_interrupted() {
+    let db = TestDb::new().await;
+    seed(&db).await;
+    let env = [("DATABASE_URL".to_owned(), db.url.clone())];
+    let mut watch = Daemon::start(&["status", "--watch", "1"], &env);
+    eventually(30, "the table is drawn twice", || {
+        std::future::ready(watch.stdout().matches("\x1b[2J").count() >= 2)
+    })
+    .await;
+    watch.signal("INT");
+    assert_eq!(watch.exit_code(10).await, 0, "{}", watch.stderr());
+    let out = watch.stdout();
+    let last = out.rsplit("\x1b[2J\x1b[H").next().unwrap();
+    assert!(
+        last.lines()
+            .any(|l| l.starts_with("failed") && l.ends_with(" 7")),
+        "{last}"
+    );
+    assert!(last.contains("Ctrl-C"), "{last}");
+    assert_no_personal_values(&out);
+}
+
 /// With the database down, `status` names the real error (refused), not a pool timeout
 /// behind a question about migrations; the error is printed once, as plain text.
 #[test]
