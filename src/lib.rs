@@ -9,6 +9,7 @@ pub mod db;
 pub mod demo;
 pub mod engine;
 pub mod imprint;
+pub mod inspect;
 pub mod outbox;
 pub mod profile;
 pub mod run;

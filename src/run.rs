@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::engine::shutdown::{self, Backoff};
 use crate::engine::{Engine, EngineSettings, Health, RunMode, Summary};
 use crate::imprint::Client;
+use crate::outbox::dead_letters::Binds;
 use crate::outbox::store::Store;
 use crate::traffic::Traffic;
 use crate::{db, profile};
@@ -24,12 +25,16 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     }
     let worker_id = crate::engine::worker_id();
     let store = Store::new(pool.clone(), worker_id.clone());
+    let replay = Binds::new(&args.filter, &args.ids);
+    if args.dry_run && args.replay_failed {
+        return replay_dry_run(&store, &replay).await;
+    }
     if args.dry_run {
         return dry_run(&store, settings.sync.batch_size.max(1_000)).await;
     }
     if args.replay_failed {
         let r = store
-            .replay_failed()
+            .replay_failed(&replay)
             .await
             .context("replaying failed rows")?;
         println!(
@@ -39,6 +44,7 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
         tracing::info!(
             replayed = r.replayed,
             superseded = r.superseded,
+            filtered = !args.filter.is_empty() || !args.ids.is_empty(),
             "replayed failed rows"
         );
     }
@@ -140,6 +146,20 @@ async fn wait_for_schema(pool: &PgPool, stop: &CancellationToken) -> anyhow::Res
             }
         }
     }
+}
+
+/// `run --replay-failed --dry-run`: the rows a replay with these filters would put back.
+async fn replay_dry_run(store: &Store, filter: &Binds) -> anyhow::Result<u8> {
+    let (rows, superseded) = store
+        .replay_plan(filter)
+        .await
+        .context("reading the failed rows a replay would take")?;
+    print!("{}", crate::inspect::dead_letter_table(&rows));
+    println!(
+        "replay dry run: {} failed rows would go back to pending; {superseded} older failed rows would be superseded. Nothing was changed.",
+        rows.len()
+    );
+    Ok(exit::OK)
 }
 
 /// `run --dry-run`: what would be sent for the due rows, personal values redacted.

@@ -346,17 +346,9 @@ fn kustomization_lists_existing_files_and_keeps_secrets_and_jobs_out() {
         }
     }
     // Applying the kustomization must never overwrite real credentials with placeholders,
-    // and must never hold an immutable Job template.
-    for kept_out in ["secret.example.yaml", "replay-failed-job.yaml"] {
-        assert!(
-            repo(&format!("{K8S}/{kept_out}")).is_file(),
-            "{kept_out} exists"
-        );
-        assert!(
-            !k.resources.iter().any(|r| r == kept_out),
-            "{kept_out} is not a resource"
-        );
-    }
+    // and must never hold an immutable Job template (replays are a suspended CronJob).
+    assert!(repo(&format!("{K8S}/secret.example.yaml")).is_file());
+    assert!(!k.resources.iter().any(|r| r == "secret.example.yaml"));
     let objects = deployed_objects();
     for (file, o) in &objects {
         assert_ne!(
@@ -377,7 +369,7 @@ fn kustomization_lists_existing_files_and_keeps_secrets_and_jobs_out() {
             assert!(
                 name == "kustomization.yaml"
                     || k.resources.contains(&name)
-                    || ["secret.example.yaml", "replay-failed-job.yaml"].contains(&name.as_str()),
+                    || name == "secret.example.yaml",
                 "{name} is neither listed in kustomization.yaml nor documented as kept out"
             );
         }
@@ -522,6 +514,8 @@ fn pdb_and_service_select_the_daemon_pods() {
     let pdb = one_of_kind(&objects, "PodDisruptionBudget");
     assert_eq!(s(&pdb, "apiVersion"), "policy/v1");
     assert_eq!(at(&pdb, "spec.minAvailable").as_i64(), Some(1));
+    // Unready pods (database down, key rejected) must not block a node drain.
+    assert_eq!(s(&pdb, "spec.unhealthyPodEvictionPolicy"), "AlwaysAllow");
     assert!(
         selects(at(&pdb, "spec.selector.matchLabels")),
         "the PDB covers the pods"
@@ -537,21 +531,20 @@ fn pdb_and_service_select_the_daemon_pods() {
 }
 
 #[test]
-fn replay_job_replays_once_with_the_pinned_image() {
-    let k = kustomization();
-    let job = only_doc(&format!("{K8S}/replay-failed-job.yaml"));
-    assert_eq!(s(&job, "kind"), "Job");
-    assert_eq!(s(&job, "apiVersion"), "batch/v1");
-    assert!(
-        !s(&job, "metadata.generateName").is_empty(),
-        "generateName, so `kubectl create` makes a fresh Job each time"
-    );
+fn replay_cronjob_is_suspended_in_the_kustomization_and_replays_once() {
+    let objects = deployed_objects();
+    let cron = one_of_kind(&objects, "CronJob");
+    assert_eq!(s(&cron, "apiVersion"), "batch/v1");
+    // Never fires by itself: a replay is made from it with `kubectl create job --from=...`.
+    assert_eq!(at(&cron, "spec.suspend").as_bool(), Some(true));
+    assert_eq!(s(&cron, "spec.concurrencyPolicy"), "Forbid");
+    let job = at(&cron, "spec.jobTemplate.spec");
     assert_eq!(
-        at(&job, "spec.backoffLimit").as_i64(),
+        at(job, "backoffLimit").as_i64(),
         Some(0),
         "never replay twice"
     );
-    let pod = at(&job, "spec.template.spec");
+    let pod = at(job, "template.spec");
     assert_eq!(s(pod, "restartPolicy"), "Never");
     assert_pod_hardened(pod);
     let c = &seq(pod, "containers")[0];
@@ -566,27 +559,72 @@ fn replay_job_replays_once_with_the_pinned_image() {
     assert_eq!(tail, ["run", "--replay-failed", "--once"]);
     match parse_cli(&args).command {
         Cmd::Run(run) => assert!(run.replay_failed && run.once && !run.dry_run),
-        other => panic!("the Job must run `run --replay-failed --once`, not {other:?}"),
+        other => panic!("the CronJob must run `run --replay-failed --once`, not {other:?}"),
     }
-    let (_, pinned) = pinned_image(&k.kustomization);
-    assert_eq!(
-        s(c, "image"),
-        pinned,
-        "keep the Job's image in step with kustomization.yaml"
-    );
+    // The kustomization's image pin applies: the same image name as the Deployment's.
+    let (name, _) = pinned_image(&kustomization().kustomization);
+    assert_eq!(s(c, "image"), name);
+    // The filtered example in the file's comment parses as a replay.
+    let text = read(&format!("{K8S}/replay-failed-cronjob.yaml"));
+    assert!(text.contains("create job --from=cronjob/imprint-sync-replay-failed"));
+    let mut filtered = args.clone();
+    filtered.extend(["--code".into(), "CUSTOMER_NOT_FOUND_ERROR".into()]);
+    assert!(text.contains(r#"args += ["--code", "CUSTOMER_NOT_FOUND_ERROR"]"#));
+    match parse_cli(&filtered).command {
+        Cmd::Run(run) => assert_eq!(run.filter.codes, ["CUSTOMER_NOT_FOUND_ERROR"]),
+        other => panic!("{other:?}"),
+    }
 
     // Replaying sends requests: the same config, key file and daemon role as the Deployment.
-    let configmap = one_of_kind(&deployed_objects(), "ConfigMap");
+    let configmap = one_of_kind(&objects, "ConfigMap");
     let settings = load_pod_config(&configmap, pod, c);
     settings
         .require(Needs::ApiKey)
         .expect("the Job has an API key");
     assert!(settings.database.url.contains("imprint_sync_daemon"));
     // Not selected by the PDB or the Service (it is not a daemon replica).
-    let component = at(&job, "spec.template.metadata.labels")
+    let component = at(job, "template.metadata.labels")
         .get("app.kubernetes.io/component")
         .and_then(Value::as_str);
     assert_eq!(component, Some("replay-failed"));
+}
+
+/// The monitoring component: a ServiceMonitor on the admin Service's port, and a
+/// PrometheusRule whose groups are deploy/monitoring/rules.yaml's.
+#[test]
+fn monitoring_component_scrapes_the_admin_port_and_carries_the_rules_file() {
+    let dir = format!("{K8S}/monitoring");
+    let k = only_doc(&format!("{dir}/kustomization.yaml"));
+    assert_eq!(s(&k, "kind"), "Component");
+    let files = strings(&k, "resources");
+    let objects: Vec<Value> = files
+        .iter()
+        .flat_map(|f| yaml_docs(&format!("{dir}/{f}")))
+        .collect();
+    let of_kind = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| s(o, "kind") == kind)
+            .unwrap_or_else(|| panic!("no {kind} in the component"))
+    };
+    let monitor = of_kind("ServiceMonitor");
+    let svc = one_of_kind(&deployed_objects(), "Service");
+    let svc_labels = at(&svc, "metadata.labels").as_mapping().unwrap();
+    let wanted = at(monitor, "spec.selector.matchLabels")
+        .as_mapping()
+        .unwrap();
+    assert!(wanted.iter().all(|(k, v)| svc_labels.get(k) == Some(v)));
+    let endpoint = &seq(monitor, "spec.endpoints")[0];
+    assert_eq!(s(endpoint, "port"), s(at(&svc, "spec.ports.0"), "name"));
+    assert_eq!(s(endpoint, "path"), "/metrics");
+
+    let rule = of_kind("PrometheusRule");
+    let rules = only_doc("deploy/monitoring/rules.yaml");
+    assert_eq!(
+        at(rule, "spec.groups"),
+        at(&rules, "groups"),
+        "regenerate: deploy/monitoring/prometheusrule.sh > {dir}/prometheusrule.yaml"
+    );
 }
 
 #[test]
@@ -620,17 +658,23 @@ fn kustomize_renders_where_kubectl_exists() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (_, pinned) = pinned_image(&kustomization().kustomization);
-    // The init container and the daemon both get the pinned image.
+    // The init container, the daemon and the replay CronJob all get the pinned image.
     assert_eq!(
         stdout.matches(&format!("image: {pinned}")).count(),
-        2,
+        3,
         "{stdout}"
     );
     let rendered: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
         .map(|d| Value::deserialize(d).unwrap())
         .collect();
     let kinds: Vec<&str> = rendered.iter().map(|o| s(o, "kind")).collect();
-    for kind in ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"] {
+    for kind in [
+        "ConfigMap",
+        "CronJob",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+    ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
 }
@@ -803,6 +847,35 @@ fn systemd_unit_notifies_restarts_sanely_and_is_hardened() {
     );
     let filters = &d[&("Service".to_owned(), "SystemCallFilter".to_owned())];
     assert_eq!(filters[0], "@system-service");
+}
+
+/// The migration's guard: with MIGRATOR_DATABASE_URL empty, the first ExecStartPre exits 64
+/// naming the variable, before `migrate` could fall back to the built-in default database.
+#[test]
+fn systemd_migration_refuses_an_empty_migrator_url() {
+    let d = unit_directives(&read(UNIT));
+    let pres = &d[&("Service".to_owned(), "ExecStartPre".to_owned())];
+    assert_eq!(pres.len(), 2, "the guard, then migrate: {pres:?}");
+    let guard = pres[0]
+        .strip_prefix("/bin/sh -c '")
+        .and_then(|g| g.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("the guard is one sh -c '...': {}", pres[0]));
+    // systemd turns $$ into $ before the shell sees it.
+    let script = guard.replace("$$", "$");
+    let run = |url: &str| {
+        Command::new("/bin/sh")
+            .args(["-c", &script])
+            .env_clear()
+            .env("MIGRATOR_DATABASE_URL", url)
+            .output()
+            .expect("running the guard")
+    };
+    let empty = run("");
+    assert_eq!(empty.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("MIGRATOR_DATABASE_URL is empty"));
+    let set = run("postgres://imprint_sync_migrator@db/partner");
+    assert_eq!(set.status.code(), Some(0), "{set:?}");
+    assert!(pres[1].contains("DATABASE_URL=${MIGRATOR_DATABASE_URL}"));
 }
 
 /// Runs `systemd-analyze verify` on a copy of `unit_text` whose binary path points at the

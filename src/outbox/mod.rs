@@ -1,4 +1,6 @@
 //! The outbox: its row type and every SQL statement that works it.
 
+pub mod dead_letters;
+pub mod history;
 pub mod model;
 pub mod store;
