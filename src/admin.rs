@@ -52,6 +52,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             describe();
             register();
+            crate::reconcile::register_metrics();
             handle
         })
         .clone()

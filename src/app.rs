@@ -34,6 +34,7 @@ pub fn main(cli: Cli) -> ExitCode {
     }
     let needs = match &command {
         Command::Run(args) if !args.dry_run => Needs::ApiKey,
+        Command::Reconcile(_) => Needs::ApiKey,
         _ => Needs::Nothing,
     };
     let settings = match load_settings(config.as_deref(), needs) {
@@ -102,5 +103,6 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
             .await
             .map(|()| exit::OK),
         Command::Demo(args) => crate::demo::demo(&settings, args).await,
+        Command::Reconcile(args) => crate::reconcile::command::reconcile(settings, args).await,
     }
 }

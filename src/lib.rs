@@ -11,6 +11,7 @@ pub mod engine;
 pub mod imprint;
 pub mod outbox;
 pub mod profile;
+pub mod reconcile;
 pub mod run;
 pub mod sandbox;
 pub mod status;

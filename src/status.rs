@@ -4,14 +4,22 @@ use anyhow::Context;
 
 use crate::config::Settings;
 use crate::db;
+use crate::outbox::reconcile::ReconcileStore;
 use crate::outbox::store::{StatusReport, Store};
 
 /// Prints the status, as a table or one JSON object.
 pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<()> {
     let pool = db::pool(&settings.database)?;
-    let report = Store::new(pool, "status").status().await.context(
+    let mut report = Store::new(pool.clone(), "status").status().await.context(
         "reading the outbox status (is the schema migrated? run `imprint-sync migrate`)",
     )?;
+    let period = settings.reconcile.period();
+    if period != crate::outbox::reconcile::DEFAULT_PERIOD {
+        report.reconcile = ReconcileStore::new(pool)
+            .status(period)
+            .await
+            .context("reading the reconciliation status")?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -56,5 +64,6 @@ pub fn table(r: &StatusReport) -> String {
             line(&format!("  {code}"), n.to_string());
         }
     }
+    out.push_str(&crate::reconcile::command::status_lines(&r.reconcile));
     out
 }

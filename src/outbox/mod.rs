@@ -1,4 +1,5 @@
 //! The outbox: its row type and every SQL statement that works it.
 
 pub mod model;
+pub mod reconcile;
 pub mod store;
