@@ -578,3 +578,38 @@ async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
     assert_eq!(applied.len(), 1);
     assert_eq!(row(&db.pool, ids[0]).await.sync_status, "failed");
 }
+
+/// `customer_sync_state.accepted` keeps, per column, the newest value Imprint accepted: a
+/// later request that sets only the phone leaves the accepted e-mail in place.
+#[tokio::test]
+async fn accepted_columns_merge_per_column_across_syncs() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let c = customer_id(9, 1);
+    insert(&db.pool, &[profile(&c, 1)]).await;
+    run_once(&db, &sandbox.base_url(), &[]).await;
+    insert(
+        &db.pool,
+        &[json!({"customer_id": c, "phone": "+14155550199"})],
+    )
+    .await;
+    run_once(&db, &sandbox.base_url(), &[]).await;
+
+    let accepted: Value = sqlx::query_scalar(
+        "SELECT accepted FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
+    )
+    .bind(&c)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let expected_email = format!("v1.{}@example.com", c.to_lowercase());
+    assert_eq!(accepted["email"], json!(expected_email));
+    assert_eq!(
+        accepted["phone"],
+        json!("+14155550199"),
+        "the newer phone, as sent"
+    );
+    assert_eq!(accepted["country"], json!("USA"));
+    assert_eq!(accepted["metadata"], json!({"version": 1}));
+    assert!(accepted.get("customer_history").is_none(), "{accepted}");
+}

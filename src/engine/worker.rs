@@ -151,6 +151,7 @@ async fn send(
                     imprint_updated_at: customer.updated_at(),
                     statuses: customer.statuses.as_ref().map(json_text),
                     drift: customer.drift(request).as_ref().map(json_text),
+                    accepted: json_text(&request.fields()),
                     response: customer.into_stored(shared.settings.keep_sensitive),
                 };
                 return record(row, disposition, Some(status), None, None, attempts);

@@ -36,6 +36,39 @@ pub struct UpdateCustomerRequest {
     pub metadata: Option<Map<String, Value>>,
 }
 
+impl UpdateCustomerRequest {
+    /// What this request sets, flat and keyed by outbox column name, in the mapped form
+    /// that was sent (phone in E.164, country alpha-3). Stored merged per column as
+    /// `customer_sync_state.accepted` when Imprint accepts the request.
+    pub fn fields(&self) -> Map<String, Value> {
+        let Value::Object(mut top) = serde_json::to_value(self).unwrap_or_default() else {
+            return Map::new();
+        };
+        if let Some(Value::Object(mut history)) = top.remove("customer_history") {
+            if let Some(country) = history
+                .remove("address")
+                .and_then(|a| a.get("country").cloned())
+            {
+                top.insert("country".into(), country);
+            }
+            // The identity fields repeat the top level's; the rest exist only here.
+            for k in [
+                "account_tenure",
+                "ltv_amount",
+                "ltv_currency",
+                "loyalty_tier",
+                "account_created_at",
+                "transaction_count",
+            ] {
+                if let Some(v) = history.remove(k) {
+                    top.insert(k.into(), v);
+                }
+            }
+        }
+        top
+    }
+}
+
 /// `customer_history`: what the partner knows of the customer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CustomerHistory {

@@ -33,6 +33,9 @@ pub enum Disposition {
         statuses: Option<String>,
         response: String,
         drift: Option<String>,
+        /// The request's columns (`UpdateCustomerRequest::fields`), merged into
+        /// `customer_sync_state.accepted`.
+        accepted: String,
     },
     /// Back to `pending`, due again after `delay`; `counts` says whether an attempt is spent.
     Retry { delay: Duration, counts: bool },
@@ -192,12 +195,12 @@ done AS (
 state AS (
     INSERT INTO imprint_sync.customer_sync_state AS s
         (customer_id, last_synced_outbox_id, last_synced_at, imprint_updated_at, statuses,
-         response, drift)
+         response, drift, accepted)
     SELECT d.customer_id, d.id, now(), x.imprint_updated_at, x.statuses::jsonb,
-           x.response::jsonb, x.drift::jsonb
+           x.response::jsonb, x.drift::jsonb, x.accepted::jsonb
     FROM unnest($9::bigint[], $10::timestamptz[], $11::text[], $12::text[], $13::text[],
-                $24::timestamptz[])
-        AS x(id, imprint_updated_at, statuses, response, drift, claim)
+                $24::timestamptz[], $25::text[])
+        AS x(id, imprint_updated_at, statuses, response, drift, claim, accepted)
     JOIN done d ON d.id = x.id AND d.claim = x.claim
     ON CONFLICT (customer_id) DO UPDATE
     SET last_synced_outbox_id = EXCLUDED.last_synced_outbox_id,
@@ -205,7 +208,8 @@ state AS (
         imprint_updated_at = EXCLUDED.imprint_updated_at,
         statuses = EXCLUDED.statuses,
         response = EXCLUDED.response,
-        drift = EXCLUDED.drift
+        drift = EXCLUDED.drift,
+        accepted = COALESCE(s.accepted, '{}'::jsonb) || EXCLUDED.accepted
     WHERE s.last_synced_outbox_id < EXCLUDED.last_synced_outbox_id
 ),
 log AS (
@@ -272,7 +276,7 @@ impl Store {
         let mut claims = Vec::with_capacity(n);
         let (mut s_ids, mut s_updated, mut s_statuses, mut s_response, mut s_drift) =
             (vec![], vec![], vec![], vec![], vec![]);
-        let mut s_claims = vec![];
+        let (mut s_claims, mut s_accepted) = (vec![], vec![]);
         let (mut a_ids, mut a_customer, mut a_attempt, mut a_started, mut a_duration) =
             (vec![], vec![], vec![], vec![], vec![]);
         let (mut a_status, mut a_outcome, mut a_code, mut a_message) =
@@ -284,7 +288,9 @@ impl Store {
                     statuses,
                     response,
                     drift,
+                    accepted,
                 } => {
+                    s_accepted.push(accepted.as_str());
                     s_ids.push(r.id);
                     s_updated.push(*imprint_updated_at);
                     s_statuses.push(statuses.as_deref());
@@ -346,6 +352,7 @@ impl Store {
             .bind(&a_message)
             .bind(&claims)
             .bind(&s_claims)
+            .bind(&s_accepted)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
