@@ -662,13 +662,26 @@ async fn the_sweep_reads_stay_within_their_share_while_a_backlog_drains() {
         "{posts} updates and {reads} reads in {elapsed:.1} s: {:.1} reads/s (share 10/s)",
         reads / elapsed
     );
-    assert!(reads > 0.0, "the sweep ran");
-    // 20 % of 50/s, plus the share's burst of 2.
+    // 20 % of 50/s, plus the share's burst of 2. Changes go first: while they use the whole
+    // rate, the reads wait for tokens left over.
     assert!(
         reads <= 10.0 * elapsed + 2.0,
         "{reads} reads in {elapsed:.1} s"
     );
     assert_eq!(stats.count(429), 0, "{stats:?}");
+
+    // With the backlog gone the sweep has the room, and still keeps to its share.
+    let before = api.stats().reads;
+    let start = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let idle = (api.stats().reads - before) as f64;
+    let elapsed = start.elapsed().as_secs_f64();
+    println!("then {idle} reads in {elapsed:.1} s without a backlog");
+    assert!(idle >= 10.0, "the sweep reads when there is room: {idle}");
+    assert!(
+        idle <= 10.0 * elapsed + 2.0,
+        "{idle} reads in {elapsed:.1} s"
+    );
     daemon.signal("TERM");
     assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
 }
