@@ -618,19 +618,67 @@ fn kustomize_renders_where_kubectl_exists() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (_, pinned) = pinned_image(&kustomization().kustomization);
-    // The init container and the daemon both get the pinned image.
+    // The init container, the daemon and the reconcile CronJob get the pinned image.
     assert_eq!(
         stdout.matches(&format!("image: {pinned}")).count(),
-        2,
+        3,
         "{stdout}"
     );
     let rendered: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
         .map(|d| Value::deserialize(d).unwrap())
         .collect();
     let kinds: Vec<&str> = rendered.iter().map(|o| s(o, "kind")).collect();
-    for kind in ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"] {
+    for kind in [
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "CronJob",
+    ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
+}
+
+#[test]
+fn reconcile_cronjob_repairs_nightly_as_the_daemon_role() {
+    let objects = deployed_objects();
+    let cron = one_of_kind(&objects, "CronJob");
+    assert!(!s(&cron, "spec.schedule").is_empty());
+    assert_eq!(s(&cron, "spec.concurrencyPolicy"), "Forbid");
+    assert_eq!(
+        at(&cron, "spec.jobTemplate.spec.backoffLimit").as_i64(),
+        Some(0),
+        "exit 1 reports drift: never retried"
+    );
+    let pod = at(&cron, "spec.jobTemplate.spec.template.spec");
+    assert_eq!(s(pod, "restartPolicy"), "Never");
+    assert_pod_hardened(pod);
+    let c = &seq(pod, "containers")[0];
+    assert_container_hardened(c);
+    match parse_cli(&strings(c, "args")).command {
+        Cmd::Reconcile(r) => assert!(r.repair && r.customer.is_empty() && r.limit.is_none()),
+        other => panic!("the CronJob must run `reconcile --repair`, not {other:?}"),
+    }
+    let (image_name, _) = pinned_image(&kustomization().kustomization);
+    assert_eq!(
+        s(c, "image"),
+        image_name,
+        "the image is set by the kustomization"
+    );
+    let configmap = one_of_kind(&objects, "ConfigMap");
+    let settings = load_pod_config(&configmap, pod, c);
+    settings
+        .require(Needs::ApiKey)
+        .expect("the CronJob has an API key");
+    assert!(settings.database.url.contains("imprint_sync_daemon"));
+    let component = at(&cron, "spec.jobTemplate.spec.template.metadata.labels")
+        .get("app.kubernetes.io/component")
+        .and_then(Value::as_str);
+    assert_eq!(
+        component,
+        Some("reconcile"),
+        "not selected as a daemon replica"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -853,6 +901,80 @@ fn systemd_analyze_verify_accepts_the_unit() {
     assert!(
         problems.iter().any(|p| p.contains("LockPersonalty")),
         "a misspelled key must be reported: {problems:#?}"
+    );
+}
+
+const RECONCILE_UNIT: &str = "deploy/systemd/imprint-sync-reconcile.service";
+const RECONCILE_TIMER: &str = "deploy/systemd/imprint-sync-reconcile.timer";
+
+#[test]
+fn the_reconcile_timer_starts_a_nightly_repair_pass() {
+    let timer = unit_directives(&read(RECONCILE_TIMER));
+    let get = |d: &BTreeMap<(String, String), Vec<String>>, section: &str, key: &str| {
+        d.get(&(section.to_owned(), key.to_owned()))
+            .and_then(|v| v.last().cloned())
+            .unwrap_or_else(|| panic!("[{section}] {key}= is missing"))
+    };
+    assert!(get(&timer, "Timer", "OnCalendar").contains("02:30"));
+    assert_eq!(get(&timer, "Timer", "Persistent"), "true");
+    assert_eq!(
+        get(&timer, "Timer", "Unit"),
+        "imprint-sync-reconcile.service"
+    );
+    assert_eq!(get(&timer, "Install", "WantedBy"), "timers.target");
+
+    let unit = read(RECONCILE_UNIT);
+    let service = unit_directives(&unit);
+    assert_eq!(service_value(&service, "Type"), "oneshot");
+    let exec = service_value(&service, "ExecStart");
+    let args: Vec<String> = exec.split_whitespace().skip(1).map(str::to_owned).collect();
+    match parse_cli(&args).command {
+        Cmd::Reconcile(r) => assert!(r.repair),
+        other => panic!("the unit must run `reconcile --repair`, not {other:?}"),
+    }
+    // The same secrets and configuration as the daemon's unit.
+    let daemon = unit_directives(&read(UNIT));
+    assert_eq!(
+        service_value(&service, "EnvironmentFile"),
+        service_value(&daemon, "EnvironmentFile")
+    );
+    assert_eq!(service_value(&service, "DynamicUser"), "yes");
+
+    // systemd-analyze verify, on both units side by side.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_imprint-sync");
+    let service_path = dir.path().join("imprint-sync-reconcile.service");
+    let timer_path = dir.path().join("imprint-sync-reconcile.timer");
+    std::fs::write(
+        &service_path,
+        unit.replace("/usr/local/bin/imprint-sync", bin),
+    )
+    .unwrap();
+    std::fs::write(&timer_path, read(RECONCILE_TIMER)).unwrap();
+    let Ok(out) = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&service_path)
+        .arg(&timer_path)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+    else {
+        println!(
+            "SKIPPED: systemd-analyze is not installed; the units were checked by parsing only"
+        );
+        return;
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("imprint-sync"))
+        .collect();
+    assert!(
+        out.status.success() && problems.is_empty(),
+        "systemd-analyze verify: {text}"
     );
 }
 
