@@ -534,6 +534,22 @@ fn pdb_and_service_select_the_daemon_pods() {
     assert_eq!(s(at(&svc, "spec.ports.0"), "targetPort"), "admin");
 }
 
+/// A Job spec that runs once (no retry: a replay would replay twice, a reconcile exit 1 reports
+/// drift) in a hardened pod; returns the pod spec and its container.
+fn one_shot_pod(job_spec: &Value) -> (&Value, &Value) {
+    assert_eq!(
+        at(job_spec, "backoffLimit").as_i64(),
+        Some(0),
+        "never run twice"
+    );
+    let pod = at(job_spec, "template.spec");
+    assert_eq!(s(pod, "restartPolicy"), "Never");
+    assert_pod_hardened(pod);
+    let c = &seq(pod, "containers")[0];
+    assert_container_hardened(c);
+    (pod, c)
+}
+
 #[test]
 fn replay_job_replays_once_with_the_pinned_image() {
     let k = kustomization();
@@ -544,16 +560,7 @@ fn replay_job_replays_once_with_the_pinned_image() {
         !s(&job, "metadata.generateName").is_empty(),
         "generateName, so `kubectl create` makes a fresh Job each time"
     );
-    assert_eq!(
-        at(&job, "spec.backoffLimit").as_i64(),
-        Some(0),
-        "never replay twice"
-    );
-    let pod = at(&job, "spec.template.spec");
-    assert_eq!(s(pod, "restartPolicy"), "Never");
-    assert_pod_hardened(pod);
-    let c = &seq(pod, "containers")[0];
-    assert_container_hardened(c);
+    let (pod, c) = one_shot_pod(at(&job, "spec"));
 
     let args = strings(c, "args");
     let tail: Vec<&str> = args
@@ -645,16 +652,7 @@ fn reconcile_cronjob_repairs_nightly_as_the_daemon_role() {
     let cron = one_of_kind(&objects, "CronJob");
     assert!(!s(&cron, "spec.schedule").is_empty());
     assert_eq!(s(&cron, "spec.concurrencyPolicy"), "Forbid");
-    assert_eq!(
-        at(&cron, "spec.jobTemplate.spec.backoffLimit").as_i64(),
-        Some(0),
-        "exit 1 reports drift: never retried"
-    );
-    let pod = at(&cron, "spec.jobTemplate.spec.template.spec");
-    assert_eq!(s(pod, "restartPolicy"), "Never");
-    assert_pod_hardened(pod);
-    let c = &seq(pod, "containers")[0];
-    assert_container_hardened(c);
+    let (pod, c) = one_shot_pod(at(&cron, "spec.jobTemplate.spec"));
     match parse_cli(&strings(c, "args")).command {
         Cmd::Reconcile(r) => assert!(r.repair && r.customer.is_empty() && r.limit.is_none()),
         other => panic!("the CronJob must run `reconcile --repair`, not {other:?}"),
@@ -855,13 +853,24 @@ fn systemd_unit_notifies_restarts_sanely_and_is_hardened() {
 /// test's own build of the binary (verify insists that ExecStart's file exists).
 /// Returns the problems it reported about our unit, or None where systemd-analyze is absent.
 fn systemd_verify(unit_text: &str) -> Option<Vec<String>> {
+    systemd_verify_units(&[("imprint-sync.service", unit_text)])
+}
+
+/// `systemd_verify` of several units side by side (a timer and its service), by file name.
+fn systemd_verify_units(units: &[(&str, &str)]) -> Option<Vec<String>> {
     let dir = tempfile::tempdir().unwrap();
-    let unit = dir.path().join("imprint-sync.service");
     let bin = env!("CARGO_BIN_EXE_imprint-sync");
-    std::fs::write(&unit, unit_text.replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+    let paths: Vec<PathBuf> = units
+        .iter()
+        .map(|(name, text)| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text.replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+            path
+        })
+        .collect();
     let out = match Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(&unit)
+        .args(&paths)
         .env("SYSTEMD_LOG_COLOR", "0")
         .output()
     {
@@ -941,41 +950,17 @@ fn the_reconcile_timer_starts_a_nightly_repair_pass() {
     assert_eq!(service_value(&service, "DynamicUser"), "yes");
 
     // systemd-analyze verify, on both units side by side.
-    let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_imprint-sync");
-    let service_path = dir.path().join("imprint-sync-reconcile.service");
-    let timer_path = dir.path().join("imprint-sync-reconcile.timer");
-    std::fs::write(
-        &service_path,
-        unit.replace("/usr/local/bin/imprint-sync", bin),
-    )
-    .unwrap();
-    std::fs::write(&timer_path, read(RECONCILE_TIMER)).unwrap();
-    let Ok(out) = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&service_path)
-        .arg(&timer_path)
-        .env("SYSTEMD_LOG_COLOR", "0")
-        .output()
-    else {
+    let timer_text = read(RECONCILE_TIMER);
+    let Some(problems) = systemd_verify_units(&[
+        ("imprint-sync-reconcile.service", &unit),
+        ("imprint-sync-reconcile.timer", &timer_text),
+    ]) else {
         println!(
             "SKIPPED: systemd-analyze is not installed; the units were checked by parsing only"
         );
         return;
     };
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let problems: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("imprint-sync"))
-        .collect();
-    assert!(
-        out.status.success() && problems.is_empty(),
-        "systemd-analyze verify: {text}"
-    );
+    assert!(problems.is_empty(), "systemd-analyze verify: {problems:#?}");
 }
 
 #[test]
