@@ -626,6 +626,48 @@ async fn the_sweep_resumes_after_a_restart() {
     assert_eq!(second.exit_code(30).await, 0, "{}", second.stderr());
 }
 
+/// A rejected key pauses the sweep like the sync: one request, then nothing until the next
+/// probe, and no customer is marked checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_key_pauses_the_sweep() {
+    let db = TestDb::new().await;
+    let api = sandbox(Faults::default()).await;
+    synced(&db, &api, 22, 20).await;
+    api.reset();
+    let env = sweep_env(
+        &db,
+        &api,
+        &[
+            ("API__KEY", "sk_test_wrong"),
+            ("RECONCILE__INTERVAL_MS", "100"),
+            ("RECONCILE__CUSTOMERS_PER_TICK", "5"),
+        ],
+    );
+    let mut daemon = Daemon::start(&["run"], &env);
+    eventually(30, "the key is tried", || async {
+        api.stats().count(401) > 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        api.stats().count(401),
+        1,
+        "one probe per 10 s: {:?}",
+        api.stats()
+    );
+    let touched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM imprint_sync.customer_sync_state
+         WHERE checked_at IS NOT NULL OR verified_at IS NOT NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(touched, 0, "customers taken were given back");
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
+    assert!(!daemon.stderr().contains("sk_test_wrong"));
+}
+
 /// While a backlog of changes drains, the sweep's reads stay within `max_share` of the rate,
 /// and the backlog drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,7 +199,7 @@ impl Reconciler {
                 Read::Missing => (None, None),
                 Read::Failed(code) => {
                     if let Err(e) = self.store.checked(&target.customer_id).await {
-                        tracing::warn!(customer_id = %target.customer_id, error = %e, "could not note the check");
+                        tracing::warn!(customer_id = %target.customer_id, error = %db_error(&e), "could not note the check");
                     }
                     return self.done(target, Outcome::Error(code));
                 }
@@ -267,14 +267,14 @@ impl Reconciler {
                 None
             }
             Err(e) => {
-                tracing::warn!(customer_id = %target.customer_id, error = %e, "could not enqueue the repair");
+                tracing::warn!(customer_id = %target.customer_id, error = %db_error(&e), "could not enqueue the repair");
                 None
             }
         }
     }
 
     fn database_error(&self, target: Target, e: &sqlx::Error) -> Checked {
-        tracing::warn!(customer_id = %target.customer_id, error = %e, "could not write what the check found");
+        tracing::warn!(customer_id = %target.customer_id, error = %db_error(&e), "could not write what the check found");
         self.done(target, Outcome::Error("database_error".into()))
     }
 
@@ -338,6 +338,18 @@ impl Reconciler {
             tracing::debug!(error = %e, "could not give back customers not checked; they wait for the next pass");
         }
         done
+    }
+}
+
+/// A database error fit for a log line: a refusal by its SQLSTATE only, since PostgreSQL's
+/// message may quote the value it refused (personal data); an outage by its message.
+fn db_error(e: &sqlx::Error) -> String {
+    match e.as_database_error() {
+        Some(d) => format!(
+            "the database refused it (SQLSTATE {})",
+            d.code().unwrap_or_default()
+        ),
+        None => e.to_string(),
     }
 }
 
