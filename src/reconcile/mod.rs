@@ -274,7 +274,7 @@ impl Reconciler {
     }
 
     fn database_error(&self, target: Target, e: &sqlx::Error) -> Checked {
-        tracing::warn!(customer_id = %target.customer_id, error = %db_error(&e), "could not write what the check found");
+        tracing::warn!(customer_id = %target.customer_id, error = %db_error(e), "could not write what the check found");
         self.done(target, Outcome::Error("database_error".into()))
     }
 
