@@ -668,6 +668,45 @@ async fn a_rejected_key_pauses_the_sweep() {
     assert!(!daemon.stderr().contains("sk_test_wrong"));
 }
 
+/// An outage opens the circuit; with no change to send, the sweep's own probe finds the API
+/// back, and the walk goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_probes_its_way_out_of_an_outage() {
+    let db = TestDb::new().await;
+    let api = sandbox(Faults::default()).await;
+    synced(&db, &api, 23, 20).await;
+    api.set_faults(Faults {
+        fail_rate: 1.0,
+        ..Faults::default()
+    })
+    .unwrap();
+    api.reset();
+    let env = sweep_env(
+        &db,
+        &api,
+        &[
+            ("RECONCILE__INTERVAL_MS", "100"),
+            ("RECONCILE__CUSTOMERS_PER_TICK", "1"),
+        ],
+    );
+    let mut daemon = Daemon::start(&["run"], &env);
+    // One customer per tick, three reads each: the second customer's reads open the circuit
+    // (5 failures) and give up, and no read is left in flight to probe.
+    eventually(30, "two customers' reads have failed", || async {
+        api.stats().count(500) >= 6
+    })
+    .await;
+    api.set_faults(Faults::default()).unwrap();
+    eventually(
+        60,
+        "every customer is verified after the outage",
+        || async { verified(&db.pool).await.values().all(Option::is_some) },
+    )
+    .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
+}
+
 /// While a backlog of changes drains, the sweep's reads stay within `max_share` of the rate,
 /// and the backlog drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,9 +115,10 @@ impl Reader {
         self.share.effective()
     }
 
-    /// The traffic gate holds every request back (429, open circuit, rejected key).
-    pub fn paused(&self) -> bool {
-        self.traffic.paused_for().is_some()
+    /// How long the traffic gate still holds every request back (429, open circuit, rejected
+    /// key); zero when the next request may go as its probe.
+    pub fn paused_for(&self) -> Option<Duration> {
+        self.traffic.paused_for()
     }
 
     async fn read(&self, customer_id: &str, stop: &CancellationToken) -> Read {

@@ -130,10 +130,14 @@ async fn run(
             .load(Ordering::Relaxed)
             .clamp(1, u64::from(u32::MAX)) as u32;
         reconciler.reader.set_replicas(replicas);
-        // While the gate holds every request back, taking customers would only hold them.
-        if reconciler.reader.paused() {
-            continue;
-        }
+        // While the gate holds every request back, taking customers would only hold them; when
+        // it lets a probe through, one customer is taken (the engine may have no row to probe
+        // with, and the gate would stay shut for ever).
+        let probe_only = match reconciler.reader.paused_for() {
+            Some(wait) if !wait.is_zero() => continue,
+            Some(_) => true,
+            None => false,
+        };
         let customers = match counted {
             Some((n, at)) if n > 0 && at.elapsed() < RECOUNT_EVERY => n,
             _ => match reconciler.store.customers().await {
@@ -147,7 +151,10 @@ async fn run(
                 }
             },
         };
-        let n = pace.next(elapsed, customers, replicas, reconciler.reader.rate());
+        let mut n = pace.next(elapsed, customers, replicas, reconciler.reader.rate());
+        if probe_only {
+            n = n.min(1);
+        }
         if n == 0 {
             continue;
         }
