@@ -13,6 +13,14 @@ use imprint_sync::sandbox::{Faults, SandboxHandle};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+/// A fresh database and sandbox with `n` customers of `group` synced.
+async fn start(group: u32, n: u32) -> (TestDb, SandboxHandle, Vec<String>) {
+    let db = TestDb::new().await;
+    let api = sandbox(Faults::default()).await;
+    let ids = synced(&db, &api, group, n).await;
+    (db, api, ids)
+}
+
 /// `n` customers of `group`, synced through the engine (so `accepted` holds their profile).
 async fn synced(db: &TestDb, api: &SandboxHandle, group: u32, n: u32) -> Vec<String> {
     seed_customers(&db.pool, group, n).await;
@@ -151,9 +159,7 @@ fn assert_no_personal_values(text: &str) {
 /// resends it, and the next `reconcile` finds only the 5 missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_and_deletions_are_found_repaired_and_reported() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    let ids = synced(&db, &api, 12, 200).await;
+    let (db, api, ids) = start(12, 200).await;
     let mut want_drift = BTreeMap::new();
     for (n, id) in ids.iter().take(20).enumerate() {
         let (change, fields) = drift_for(n);
@@ -322,9 +328,7 @@ async fn null_fields_are_not_compared_and_older_fields_still_count() {
 /// drift.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case_and_phone_format_are_not_drift() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    let ids = synced(&db, &api, 14, 2).await;
+    let (db, api, ids) = start(14, 2).await;
     let email = profile(&ids[0], 1)["email"]
         .as_str()
         .unwrap()
@@ -341,9 +345,7 @@ async fn case_and_phone_format_are_not_drift() {
 /// key is known to work), and nothing is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_key_exits_2_and_writes_nothing() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    synced(&db, &api, 15, 30).await;
+    let (db, api, _) = start(15, 30).await;
     api.reset();
     let pass = reconcile(&db, &api, &[], &[("API__KEY", "sk_test_wrong")]);
     assert_eq!(pass.code, 2, "{}", pass.text);
@@ -365,9 +367,7 @@ async fn a_rejected_key_exits_2_and_writes_nothing() {
 /// finding is left as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_read_is_retried_then_an_error_not_drift() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    let ids = synced(&db, &api, 16, 2).await;
+    let (db, api, ids) = start(16, 2).await;
     patch(&api, &ids[0], json!({"address": {"city": "Shelbyville"}})).await;
     api.set_faults(Faults {
         fail_rate: 1.0,
@@ -418,9 +418,7 @@ async fn bad_arguments_and_configuration_exit_64() {
 /// key), DELETE removes the customer so that GET and POST answer 404; both are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_drifts_on_request() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    let ids = synced(&db, &api, 17, 2).await;
+    let (_db, api, ids) = start(17, 2).await;
     patch(
         &api,
         &ids[0],
@@ -467,9 +465,16 @@ async fn the_sandbox_drifts_on_request() {
     assert_eq!(api.stats().drift_injected, 2);
 }
 
-/// Environment for a daemon whose sweep is on.
-fn sweep_env(db: &TestDb, api: &SandboxHandle, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    env_with(&db.url, &api.base_url(), extra)
+/// The daemon (`run`) with the sweep configured by `overrides`.
+fn run_sweep(db: &TestDb, api: &SandboxHandle, overrides: &[(&str, &str)]) -> Daemon {
+    Daemon::start(&["run"], &env_with(&db.url, &api.base_url(), overrides))
+}
+
+/// SIGTERM, and a clean exit; returns what the daemon logged.
+async fn stop(mut daemon: Daemon) -> String {
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
+    daemon.stderr()
 }
 
 /// `verified_at` of every customer, as seconds since the epoch (database clock).
@@ -498,24 +503,18 @@ fn free_port() -> u16 {
 /// and the metrics count what it found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_checks_every_customer_once_per_period() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    synced(&db, &api, 18, 60).await;
+    let (db, api, _) = start(18, 60).await;
     api.reset();
     let admin = format!("127.0.0.1:{}", free_port());
     // A 6 s period at 10 ticks a second: one customer per tick.
     let period_s = 6.0;
     let hours = (period_s / 3_600.0).to_string();
-    let env = sweep_env(
-        &db,
-        &api,
-        &[
-            ("RECONCILE__INTERVAL_MS", "100"),
-            ("RECONCILE__PERIOD_HOURS", &hours),
-            ("ADMIN__LISTEN", &admin),
-        ],
-    );
-    let mut daemon = Daemon::start(&["run"], &env);
+    let overrides = &[
+        ("RECONCILE__INTERVAL_MS", "100"),
+        ("RECONCILE__PERIOD_HOURS", &hours),
+        ("ADMIN__LISTEN", &admin),
+    ];
+    let daemon = run_sweep(&db, &api, overrides);
     eventually(60, "every customer is verified", || async {
         verified(&db.pool).await.values().all(Option::is_some)
     })
@@ -552,26 +551,19 @@ async fn the_sweep_checks_every_customer_once_per_period() {
     ] {
         assert!(text.contains(series), "{series}: {text}");
     }
-    daemon.signal("TERM");
-    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
+    stop(daemon).await;
 }
 
 /// After a kill -9 the sweep goes on where it stopped: the customers still unchecked are
 /// checked next, and the ones already verified are not read again before them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_resumes_after_a_restart() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    synced(&db, &api, 19, 60).await;
-    let env = sweep_env(
-        &db,
-        &api,
-        &[
-            ("RECONCILE__INTERVAL_MS", "250"),
-            ("RECONCILE__CUSTOMERS_PER_TICK", "2"),
-        ],
-    );
-    let mut first = Daemon::start(&["run"], &env);
+    let (db, api, _) = start(19, 60).await;
+    let overrides = &[
+        ("RECONCILE__INTERVAL_MS", "250"),
+        ("RECONCILE__CUSTOMERS_PER_TICK", "2"),
+    ];
+    let mut first = run_sweep(&db, &api, overrides);
     eventually(60, "a third of the customers are verified", || async {
         verified(&db.pool)
             .await
@@ -596,7 +588,7 @@ async fn the_sweep_resumes_after_a_restart() {
     assert!(!never.is_empty());
     api.reset();
 
-    let mut second = Daemon::start(&["run"], &env);
+    let second = run_sweep(&db, &api, overrides);
     eventually(60, "the customers never checked are verified", || async {
         let now = verified(&db.pool).await;
         never.iter().all(|id| now[id].is_some())
@@ -622,28 +614,21 @@ async fn the_sweep_resumes_after_a_restart() {
         read_again <= 2,
         "{read_again} customers verified before were read again first"
     );
-    second.signal("TERM");
-    assert_eq!(second.exit_code(30).await, 0, "{}", second.stderr());
+    stop(second).await;
 }
 
 /// A rejected key pauses the sweep like the sync: one request, then nothing until the next
 /// probe, and no customer is marked checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_key_pauses_the_sweep() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    synced(&db, &api, 22, 20).await;
+    let (db, api, _) = start(22, 20).await;
     api.reset();
-    let env = sweep_env(
-        &db,
-        &api,
-        &[
-            ("API__KEY", "sk_test_wrong"),
-            ("RECONCILE__INTERVAL_MS", "100"),
-            ("RECONCILE__CUSTOMERS_PER_TICK", "5"),
-        ],
-    );
-    let mut daemon = Daemon::start(&["run"], &env);
+    let overrides = &[
+        ("API__KEY", "sk_test_wrong"),
+        ("RECONCILE__INTERVAL_MS", "100"),
+        ("RECONCILE__CUSTOMERS_PER_TICK", "5"),
+    ];
+    let daemon = run_sweep(&db, &api, overrides);
     eventually(30, "the key is tried", || async {
         api.stats().count(401) > 0
     })
@@ -663,33 +648,25 @@ async fn a_rejected_key_pauses_the_sweep() {
     .await
     .unwrap();
     assert_eq!(touched, 0, "customers taken were given back");
-    daemon.signal("TERM");
-    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
-    assert!(!daemon.stderr().contains("sk_test_wrong"));
+    assert!(!stop(daemon).await.contains("sk_test_wrong"));
 }
 
 /// An outage opens the circuit; with no change to send, the sweep's own probe finds the API
 /// back, and the walk goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_probes_its_way_out_of_an_outage() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    synced(&db, &api, 23, 20).await;
+    let (db, api, _) = start(23, 20).await;
     api.set_faults(Faults {
         fail_rate: 1.0,
         ..Faults::default()
     })
     .unwrap();
     api.reset();
-    let env = sweep_env(
-        &db,
-        &api,
-        &[
-            ("RECONCILE__INTERVAL_MS", "100"),
-            ("RECONCILE__CUSTOMERS_PER_TICK", "1"),
-        ],
-    );
-    let mut daemon = Daemon::start(&["run"], &env);
+    let overrides = &[
+        ("RECONCILE__INTERVAL_MS", "100"),
+        ("RECONCILE__CUSTOMERS_PER_TICK", "1"),
+    ];
+    let daemon = run_sweep(&db, &api, overrides);
     // One customer per tick, three reads each: the second customer's reads open the circuit
     // (5 failures) and give up, and no read is left in flight to probe.
     eventually(30, "two customers' reads have failed", || async {
@@ -703,34 +680,27 @@ async fn the_sweep_probes_its_way_out_of_an_outage() {
         || async { verified(&db.pool).await.values().all(Option::is_some) },
     )
     .await;
-    daemon.signal("TERM");
-    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
+    stop(daemon).await;
 }
 
 /// While a backlog of changes drains, the sweep's reads stay within `max_share` of the rate,
 /// and the backlog drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_reads_stay_within_their_share_while_a_backlog_drains() {
-    let db = TestDb::new().await;
-    let api = sandbox(Faults::default()).await;
-    synced(&db, &api, 20, 100).await;
+    let (db, api, _) = start(20, 100).await;
     // The backlog: 300 changes of other customers.
     seed_customers(&db.pool, 21, 300).await;
     api.reset();
-    let env = sweep_env(
-        &db,
-        &api,
-        &[
-            ("RATE_LIMIT__REQUESTS_PER_SECOND", "50"),
-            ("RATE_LIMIT__BURST", "10"),
-            ("RECONCILE__MAX_SHARE", "0.2"),
-            ("RECONCILE__INTERVAL_MS", "200"),
-            // Far more than the share allows: the share is what holds it back.
-            ("RECONCILE__PERIOD_HOURS", "0.0001"),
-        ],
-    );
+    let overrides = &[
+        ("RATE_LIMIT__REQUESTS_PER_SECOND", "50"),
+        ("RATE_LIMIT__BURST", "10"),
+        ("RECONCILE__MAX_SHARE", "0.2"),
+        ("RECONCILE__INTERVAL_MS", "200"),
+        // Far more than the share allows: the share is what holds it back.
+        ("RECONCILE__PERIOD_HOURS", "0.0001"),
+    ];
     let start = std::time::Instant::now();
-    let mut daemon = Daemon::start(&["run"], &env);
+    let daemon = run_sweep(&db, &api, overrides);
     eventually(120, "the backlog is synced", || async {
         common::counts(&db.pool).await.get("synced").copied() == Some(400)
     })
@@ -763,6 +733,5 @@ async fn the_sweep_reads_stay_within_their_share_while_a_backlog_drains() {
         idle <= 10.0 * elapsed + 2.0,
         "{idle} reads in {elapsed:.1} s"
     );
-    daemon.signal("TERM");
-    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
+    stop(daemon).await;
 }
