@@ -201,10 +201,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
             since.as_millis()
         ));
     }
-    if s.traffic.auth_paused() {
-        reasons.push(
-            "the API key was rejected (401/403): check api.key; sending is paused".to_owned(),
-        );
+    if let Some(reason) = s.traffic.pause_reason() {
+        reasons.push(reason.to_owned());
     }
     if reasons.is_empty() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()

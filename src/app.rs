@@ -13,12 +13,16 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// `run --once`: at least one row ended failed in this run.
     pub const ROWS_FAILED: u8 = 1;
-    /// The API key was rejected (401/403) in `run --once`; or a command not built yet.
+    /// `run --once`: the API key was rejected (401/403), or the API redirected (3xx: a wrong
+    /// `api.base_url`); or a command not built yet.
     pub const AUTH_OR_UNAVAILABLE: u8 = 2;
     /// Bad configuration (EX_USAGE); the message names the key.
     pub const CONFIG: u8 = 64;
     /// Any other error (EX_SOFTWARE); the message says what was being done.
     pub const ERROR: u8 = 70;
+    /// `run --once` was stopped (SIGTERM/SIGINT) before the outbox was drained
+    /// (EX_TEMPFAIL): run it again.
+    pub const TEMPFAIL: u8 = 75;
 }
 
 /// Runs the command line and returns the process exit code.

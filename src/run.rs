@@ -20,7 +20,7 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     let shutdown = CancellationToken::new();
     shutdown::on_signals(shutdown.clone());
     if !wait_for_schema(&pool, &shutdown).await? {
-        return Ok(exit::OK);
+        return Ok(if args.once { exit::TEMPFAIL } else { exit::OK });
     }
     let worker_id = crate::engine::worker_id();
     let store = Store::new(pool.clone(), worker_id.clone());
@@ -85,13 +85,16 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     Ok(exit_code(&summary, args.once))
 }
 
-/// The exit code of a run: 2 when the key was rejected in `--once`, 1 when a row failed in
-/// `--once`, else 0.
+/// The exit code of a run: in `--once`, 2 when the key was rejected or the API redirected,
+/// 75 when stopped (SIGTERM) before the outbox was drained, 1 when a row failed; else 0.
 pub fn exit_code(summary: &Summary, once: bool) -> u8 {
     if !once {
         exit::OK
-    } else if summary.auth_rejected {
+    } else if summary.auth_rejected || summary.redirected {
         exit::AUTH_OR_UNAVAILABLE
+    } else if !summary.drained {
+        // A Job stopped half-way must not look complete.
+        exit::TEMPFAIL
     } else if summary.failed > 0 {
         exit::ROWS_FAILED
     } else {
@@ -109,18 +112,18 @@ fn report(s: &Summary, once: bool) {
         "stopped"
     );
     if once {
+        let why = if s.auth_rejected {
+            "; the API key was rejected (401/403): check api.key — rows were left as they were"
+        } else if s.redirected {
+            "; the API answered with a redirect (3xx): check api.base_url — rows were left as they were"
+        } else if !s.drained {
+            "; stopped before the outbox was drained"
+        } else {
+            ""
+        };
         println!(
-            "synced {}, failed {}, superseded {}, retried {}, rate limited {}{}",
-            s.synced,
-            s.failed,
-            s.superseded,
-            s.retried,
-            s.rate_limited,
-            if s.auth_rejected {
-                "; the API key was rejected (401/403): check api.key — rows were left as they were"
-            } else {
-                ""
-            }
+            "synced {}, failed {}, superseded {}, retried {}, rate limited {}{why}",
+            s.synced, s.failed, s.superseded, s.retried, s.rate_limited,
         );
     }
 }
@@ -170,7 +173,7 @@ async fn dry_run(store: &Store, limit: u32) -> anyhow::Result<u8> {
                 invalid += 1;
                 serde_json::json!({
                     "outbox_id": row.id,
-                    "customer_id": row.customer_id,
+                    "customer_id": profile::LogId(&row.customer_id).to_string(),
                     "would_fail": {"error_code": "invalid_profile", "field": e.field, "message": e.to_string()},
                 })
             }

@@ -236,10 +236,53 @@ async fn a_redirect_is_not_followed() {
     let answer = client(mock_url(&server))
         .update_customer(ID, &request("+14155552671"))
         .await;
-    let Answer::Failed { status, error } = answer else {
+    // Not a row's failure: a wrong base URL, which pauses sending.
+    let Answer::Redirected { status, error } = answer else {
         panic!("{answer:?}");
     };
     assert_eq!((status, error.code.as_str()), (302, "http_302"));
+}
+
+/// A 200 whose chunked body (no length announced) runs past 1 MiB: reading stops there, and
+/// the answer counts as accepted but unverified.
+#[tokio::test]
+async fn a_streamed_answer_past_one_mib_is_not_read_further() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request_complete(&seen) {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return 0,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+        // Up to 64 MiB, for as long as the client reads.
+        let mut sent = 0usize;
+        for _ in 0..1024 {
+            if socket.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+            sent += 0x10000;
+        }
+        sent
+    });
+    let base = Url::parse(&format!("http://{addr}/")).unwrap();
+    let answer = client(base)
+        .update_customer(ID, &request("+14155552671"))
+        .await;
+    let Answer::Accepted { status, error } = answer else {
+        panic!("{answer:?}");
+    };
+    assert_eq!((status, error.code.as_str()), (200, "unverified_response"));
+    assert!(error.message.contains("1024 KiB"), "{}", error.message);
+    let sent = server.await.unwrap();
+    assert!(sent < 64 << 20, "the client read all {sent} bytes");
 }
 
 /// A server that answers 200 promising 1000 bytes, sends a few, and closes.

@@ -323,3 +323,172 @@ async fn logs_hold_no_key_and_no_personal_value() {
         }
     }
 }
+
+/// `run --once` stopped by SIGTERM before it drained says so: exit 75 (EX_TEMPFAIL), so a
+/// Kubernetes Job is retried instead of looking complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_stopped_before_draining_exits_75() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(latency(1000)).await;
+    common::seed_customers(&db.pool, 31, 20).await;
+    let env = env(&db, &sandbox, &[("SYNC__CONCURRENCY", "2")]);
+    let mut daemon = Daemon::start(&["run", "--once"], &env);
+    eventually(30, "rows are claimed", || async {
+        count_of(&db, "in_flight").await > 0
+    })
+    .await;
+    daemon.signal("TERM");
+
+    assert_eq!(daemon.exit_code(30).await, 75, "{}", daemon.stderr());
+    assert!(
+        count_of(&db, "pending").await > 0,
+        "the stop came before the drain"
+    );
+    assert_eq!(count_of(&db, "in_flight").await, 0);
+}
+
+/// A customer id is the partner's text until validated: a 100,000-character id, an e-mail
+/// used as an id, or a newline that would forge a line never reach the logs as they are; the
+/// outbox id names the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_customer_id_never_reaches_the_logs() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let long = "A".repeat(100_000);
+    let email = "ada.idcanary@example.com";
+    let forged = "C1\n2026-11-27T00:00:00.000000Z ERROR imprint_sync: FORGED-LINE";
+    for format in ["pretty", "json"] {
+        let ids = insert(
+            &db.pool,
+            &[
+                json!({"customer_id": long, "first_name": "Ada"}),
+                json!({"customer_id": email, "first_name": "Ada"}),
+                json!({"customer_id": forged, "first_name": "Ada"}),
+            ],
+        )
+        .await;
+        let env = env(
+            &db,
+            &sandbox,
+            &[("LOG__FORMAT", format), ("LOG__LEVEL", "debug")],
+        );
+        let mut run = Daemon::start(&["run", "--once"], &env);
+
+        assert_eq!(run.exit_code(60).await, 1, "{format}");
+        let logs = run.stderr();
+        for id in ids {
+            let r = row(&db.pool, id).await;
+            assert_eq!(
+                r.last_error_code.as_deref(),
+                Some("invalid_profile"),
+                "{r:?}"
+            );
+            assert!(
+                logs.contains(&id.to_string()),
+                "row {id} is named in the {format} log"
+            );
+        }
+        let longest = logs.lines().map(str::len).max().unwrap_or(0);
+        assert!(
+            longest <= 2_000,
+            "a {longest}-byte line in the {format} log"
+        );
+        assert!(
+            !logs.contains(email),
+            "the e-mail in the {format} log:\n{logs}"
+        );
+        assert!(
+            !logs.contains("FORGED-LINE"),
+            "the forged line in the {format} log:\n{logs}"
+        );
+    }
+}
+
+/// A 2xx whose body is 64 MB: read up to 1 MiB, never held whole. The row is synced (the
+/// update was accepted) but marked unverified, and the process's peak memory stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mb_answer_is_never_held_in_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let db = TestDb::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = url::Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+    let customer = customer_id(32, 1);
+    let server = {
+        let customer = customer.clone();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return 0,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            // A valid customer object, padded to 64 MB: only its size makes it unreadable.
+            let head = format!(r#"{{"id":"{customer}","padding":""#);
+            let tail = r#""}"#;
+            let len = 64 << 20;
+            let pad = len - head.len() - tail.len();
+            let status = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n{head}"
+            );
+            let mut sent = 0usize;
+            if socket.write_all(status.as_bytes()).await.is_err() {
+                return sent;
+            }
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = pad;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if socket.write_all(&chunk[..n]).await.is_err() {
+                    return sent;
+                }
+                sent += n;
+                left -= n;
+            }
+            let _ = socket.write_all(tail.as_bytes()).await;
+            sent + tail.len()
+        })
+    };
+    let ids = insert(&db.pool, &[profile(&customer, 1)]).await;
+    let env = env_with(&db.url, &api, &[("SYNC__MAX_ATTEMPTS", "1")]);
+
+    #[expect(
+        clippy::zombie_processes,
+        reason = "reaped by wait4 below, which also reports its peak memory"
+    )]
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_imprint-sync"))
+        .args(["run", "--once"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting imprint-sync");
+    let pid = child.id() as libc::pid_t;
+    // wait4 reports the peak resident set of this one child (ru_maxrss, KiB).
+    let (code, peak_kib) = tokio::task::spawn_blocking(move || {
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our child, not yet reaped; both pointers are to live locals.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(r, pid, "wait4");
+        (libc::WEXITSTATUS(status), usage.ru_maxrss)
+    })
+    .await
+    .unwrap();
+    let _ = server.await;
+
+    eprintln!("a 64 MB answer: exit {code}, peak RSS {peak_kib} KiB");
+    assert_eq!(code, 0);
+    let r = row(&db.pool, ids[0]).await;
+    assert_eq!(r.sync_status, "synced", "{r:?}");
+    assert_eq!(
+        r.last_error_code.as_deref(),
+        Some("unverified_response"),
+        "{r:?}"
+    );
+    assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+}

@@ -306,11 +306,18 @@ async fn each_answer_moves_the_row_as_the_table_says() {
         ),
         ("synced", None, "", 3, &[Some(500), Some(500), Some(200)]),
         ("synced", None, "", 2, &[Some(409), Some(200)]),
-        ("synced", None, "", 2, &[Some(200), Some(200)]),
+        // Accepted though unreadable: synced once, marked unverified.
+        (
+            "synced",
+            Some("unverified_response"),
+            "accepted",
+            1,
+            &[Some(200)],
+        ),
         (
             "failed",
             Some("max_attempts_exceeded"),
-            "down for maintenance",
+            "HTTP 503 UNAVAILABLE",
             3,
             &[Some(503); 3],
         ),
@@ -612,4 +619,203 @@ async fn accepted_columns_merge_per_column_across_syncs() {
     assert_eq!(accepted["country"], json!("USA"));
     assert_eq!(accepted["metadata"], json!({"version": 1}));
     assert!(accepted.get("customer_history").is_none(), "{accepted}");
+}
+
+/// The API's messages may echo the value they refuse: `last_error` and the attempt log keep
+/// the field name and the error code, never the API's own words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apis_own_words_are_never_stored() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let canaries = ["ada.canary@example.com", "+14155550123", "Quuxington"];
+    let c = |n| customer_id(12, n);
+    answer(
+        &server,
+        &c(1),
+        vec![error_body(
+            400,
+            "INVALID_REQUEST_ERROR",
+            "bad email: ada.canary@example.com",
+            Some("email"),
+        )],
+    )
+    .await;
+    let spring = json!({"error": "Unprocessable Entity", "status": 422,
+        "details": ["phone: +14155550123 is not a valid phone number"]});
+    answer(
+        &server,
+        &c(2),
+        vec![ResponseTemplate::new(422).set_body_json(spring)],
+    )
+    .await;
+    answer(
+        &server,
+        &c(3),
+        vec![error_body(503, "API_ERROR", "could not store Quuxington", None); 3],
+    )
+    .await;
+    answer(
+        &server,
+        &c(4),
+        vec![ResponseTemplate::new(400).set_body_string("no such user ada.canary@example.com")],
+    )
+    .await;
+    let ids = insert(
+        &db.pool,
+        &(1..=4).map(|n| profile(&c(n), 1)).collect::<Vec<_>>(),
+    )
+    .await;
+    let api = Url::parse(&server.uri()).unwrap();
+
+    run_once(&db, &api, &[("SYNC__MAX_ATTEMPTS", "2")]).await;
+
+    let expect = [
+        ("INVALID_REQUEST_ERROR", "email"),
+        ("http_422", "phone"),
+        ("max_attempts_exceeded", "API_ERROR"),
+        ("http_400", "400"),
+    ];
+    for (id, (code, names)) in ids.iter().zip(expect) {
+        let r = row(&db.pool, *id).await;
+        assert_eq!(r.sync_status, "failed", "row {id}: {r:?}");
+        assert_eq!(r.last_error_code.as_deref(), Some(code), "row {id}");
+        let stored = r.last_error.clone().unwrap_or_default();
+        assert!(
+            stored.contains(names),
+            "row {id}: {stored:?} lacks {names:?}"
+        );
+        let logged: Vec<Option<String>> = sqlx::query_scalar(
+            "SELECT error_message FROM imprint_sync.sync_attempts WHERE outbox_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        for text in logged.into_iter().flatten().chain([stored]) {
+            for canary in canaries {
+                assert!(!text.contains(canary), "row {id} stored {text:?}");
+            }
+        }
+    }
+}
+
+/// A 2xx is trusted only as far as it can be read: a customer object of another customer is
+/// not this customer's state (retried); a 204 or a body that is not a customer object means
+/// the update was accepted but cannot be verified: `synced`, no response kept, a code saying
+/// so, and no second request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_is_trusted_only_as_far_as_it_can_be_read() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let c = |n| customer_id(13, n);
+    let other = ResponseTemplate::new(200).set_body_json(customer_body(&c(99)));
+    answer(&server, &c(1), vec![other]).await;
+    answer(&server, &c(2), vec![ResponseTemplate::new(204); 5]).await;
+    let html = ResponseTemplate::new(200).set_body_string("<html>ok</html>");
+    answer(&server, &c(3), vec![html; 5]).await;
+    // More unverifiable answers in a row than the circuit's threshold: none is a failure.
+    for n in 4..=10 {
+        answer(&server, &c(n), vec![ResponseTemplate::new(202); 5]).await;
+    }
+    let ids = insert(
+        &db.pool,
+        &(1..=10).map(|n| profile(&c(n), 1)).collect::<Vec<_>>(),
+    )
+    .await;
+    let api = Url::parse(&server.uri()).unwrap();
+
+    let summary = run_once(
+        &db,
+        &api,
+        &[("SYNC__MAX_ATTEMPTS", "1"), ("SYNC__CONCURRENCY", "1")],
+    )
+    .await;
+
+    let response = |customer: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<Value>>(
+                "SELECT response FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
+            )
+            .bind(customer)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // Another customer's object: not synced on its word.
+    let first = row(&db.pool, ids[0]).await;
+    assert_eq!(
+        (first.sync_status.as_str(), first.last_error_code.as_deref()),
+        ("failed", Some("max_attempts_exceeded")),
+        "{first:?}"
+    );
+    assert!(
+        first
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("unreadable_response"),
+        "{first:?}"
+    );
+    assert_eq!(
+        response(c(1)).await,
+        None,
+        "no state stored from another customer's object"
+    );
+    for (n, id) in (2..=10).zip(&ids[1..]) {
+        let r = row(&db.pool, *id).await;
+        assert_eq!(r.sync_status, "synced", "row {id}: {r:?}");
+        assert_eq!(
+            r.last_error_code.as_deref(),
+            Some("unverified_response"),
+            "row {id}"
+        );
+        assert_eq!(r.attempts, 1, "row {id}: not retried");
+        assert_eq!(
+            response(c(n)).await,
+            Some(None),
+            "row {id}: no response kept"
+        );
+    }
+    assert_eq!(row(&db.pool, ids[1]).await.last_http_status, Some(204));
+    assert_eq!(summary.synced, 9);
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        10,
+        "one request per row"
+    );
+}
+
+/// A database that turns read-only under the recorder (a failover to a replica: SQLSTATE
+/// 25006) refuses no outcome for good: the recorder keeps them and writes them once the
+/// database takes writes again, so no row is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_outlive_a_read_only_database() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(faults(1_500, 0.0)).await;
+    common::seed_customers(&db.pool, 14, 20).await;
+    let api = sandbox.base_url();
+    let overrides = [("SYNC__CONCURRENCY", "20"), ("SYNC__BATCH_SIZE", "20")];
+    let engine = common::engine(&db, &api, &overrides);
+    let run = tokio::spawn(async move {
+        tokio::time::timeout(
+            Duration::from_secs(90),
+            engine.run(CancellationToken::new()),
+        )
+        .await
+    });
+    common::eventually(30, "every row is in flight", || async {
+        counts(&db.pool).await.get("in_flight") == Some(&20)
+    })
+    .await;
+    db.set_read_only(true).await;
+    // The answers come back (1.5 s) while the database refuses writes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    db.set_read_only(false).await;
+
+    let summary = run.await.unwrap().expect("the run ends");
+    assert_eq!(counts(&db.pool).await.get("synced"), Some(&20));
+    assert_eq!(summary.synced, 20);
+    assert_eq!(sandbox.stats().requests_total, 20, "no row was sent twice");
 }

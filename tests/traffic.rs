@@ -325,19 +325,17 @@ async fn an_outage_in_mid_run_stops_the_rows_already_queued() {
     assert!(o.before > 0, "the run was under way");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
-    let (db, api) = start(100, Faults::default()).await;
-
-    let out = tokio::time::timeout(
+/// `run --once` as a process against `base_url` with `key`; it must stop by itself.
+async fn run_once_binary(db: &TestDb, base_url: &str, key: &str) -> std::process::Output {
+    tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_imprint-sync"))
             .args(["run", "--once"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env_remove("RUST_LOG")
             .env("DATABASE_URL", &db.url)
-            .env("IMPRINT_SYNC__API__BASE_URL", api.base_url().as_str())
-            .env("IMPRINT_SYNC__API__KEY", "not-the-key")
+            .env("IMPRINT_SYNC__API__BASE_URL", base_url)
+            .env("IMPRINT_SYNC__API__KEY", key)
             .env("IMPRINT_SYNC__ADMIN__LISTEN", "127.0.0.1:0")
             .env("IMPRINT_SYNC__RATE_LIMIT__REQUESTS_PER_SECOND", "100")
             .env("IMPRINT_SYNC__RATE_LIMIT__BURST", "20")
@@ -345,8 +343,32 @@ async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
             .output(),
     )
     .await
-    .expect("run --once stops by itself on a rejected key")
-    .expect("running imprint-sync");
+    .expect("run --once stops by itself")
+    .expect("running imprint-sync")
+}
+
+/// Every row is as it was seeded: pending, no attempt spent, no error.
+async fn assert_untouched(pool: &PgPool) {
+    let (changed, spent): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE sync_status <> 'pending' OR last_error_code IS NOT NULL),
+                count(*) FILTER (WHERE attempts <> 0)
+         FROM imprint_sync.customer_outbox",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("reading the rows");
+    assert_eq!(
+        (changed, spent),
+        (0, 0),
+        "no row changes or spends an attempt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
+    let (db, api) = start(100, Faults::default()).await;
+
+    let out = run_once_binary(&db, api.base_url().as_str(), "not-the-key").await;
 
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stats = api.stats();
@@ -365,19 +387,7 @@ async fn a_wrong_key_changes_no_row_and_run_once_exits_2() {
         stats.requests_total >= 1 && stats.requests_total <= 5,
         "{stats:?}"
     );
-    let (changed, spent): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE sync_status <> 'pending'),
-                count(*) FILTER (WHERE attempts <> 0)
-         FROM imprint_sync.customer_outbox",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("reading the rows");
-    assert_eq!(
-        (changed, spent),
-        (0, 0),
-        "no row changes or spends an attempt"
-    );
+    assert_untouched(&db.pool).await;
 }
 
 /// Two replicas share 80/s. Each starts alone (its share is the whole rate until it counts the
@@ -424,4 +434,39 @@ async fn two_replicas_share_the_deployments_rate() {
     assert!(steady <= 88.0, "{steady:.1}/s in total after 3 s");
     // And they did not starve each other either.
     assert!(rate >= 60.0, "{rate:.1}/s in total");
+}
+
+/// A redirect means a wrong `api.base_url`: every row would fail the same way. Like a
+/// rejected key, it pauses sending and changes no row; `run --once` exits 2 naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_changes_no_row_and_run_once_exits_2() {
+    use wiremock::matchers::any;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let db = TestDb::new().await;
+    seed(&db.pool, 50).await;
+    let server = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(302).insert_header("location", "https://elsewhere.example/v2/"),
+        )
+        .mount(&server)
+        .await;
+
+    let out = run_once_binary(&db, &server.uri(), KEY).await;
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let requests = server.received_requests().await.unwrap().len();
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("api.base_url"),
+        "stderr names the key:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("api.base_url"),
+        "the summary names the key:\n{stdout}"
+    );
+    assert!((1..=5).contains(&requests), "{requests} requests");
+    assert_untouched(&db.pool).await;
 }

@@ -84,6 +84,10 @@ pub struct RunStats {
     pub released: AtomicU64,
     /// The key was rejected at least once (401/403).
     pub auth_rejected: AtomicBool,
+    /// The API answered with a redirect at least once (3xx: a wrong `api.base_url`).
+    pub redirected: AtomicBool,
+    /// `--once` found nothing left to do (rather than being stopped).
+    pub drained: AtomicBool,
 }
 
 /// A plain copy of [`RunStats`].
@@ -95,6 +99,8 @@ pub struct Summary {
     pub retried: u64,
     pub rate_limited: u64,
     pub auth_rejected: bool,
+    pub redirected: bool,
+    pub drained: bool,
 }
 
 impl RunStats {
@@ -106,6 +112,8 @@ impl RunStats {
             retried: self.retried.load(Ordering::Relaxed),
             rate_limited: self.rate_limited.load(Ordering::Relaxed),
             auth_rejected: self.auth_rejected.load(Ordering::Relaxed),
+            redirected: self.redirected.load(Ordering::Relaxed),
+            drained: self.drained.load(Ordering::Relaxed),
         }
     }
 }
@@ -375,6 +383,7 @@ async fn claimer(
         drop(permits);
         if got < limit {
             if shared.mode.once && drained(shared, window, capacity, wake).await {
+                shared.stats.drained.store(true, Ordering::Relaxed);
                 return;
             }
             if !shared.mode.once {

@@ -10,6 +10,7 @@ use super::Shared;
 use super::shutdown::Backoff;
 use super::worker::Done;
 use crate::outbox::store::{Disposition, Record};
+use crate::profile::LogId;
 
 /// Most records written by one statement.
 const MAX_BATCH: usize = 1_000;
@@ -21,51 +22,64 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: Receiver<Done>, wake: Arc<N
         // The window slots go with the records: freed once the batch is written.
         let (records, slots): (Vec<_>, Vec<_>) =
             batch.drain(..).map(|d| (d.record, d._permit)).unzip();
-        loop {
-            match shared.store.record(&records).await {
-                Ok(applied) => {
-                    backoff.succeeded(&shared.health);
-                    count(&records, &applied);
-                    break;
-                }
-                Err(e) if refused(&e) => {
-                    // The database refused something in the batch (not an outage): write the
-                    // outcomes one by one, so one bad outcome never stops the others (G7).
-                    let mut applied = Vec::new();
-                    for r in &records {
-                        match shared.store.record(std::slice::from_ref(r)).await {
-                            Ok(a) => applied.extend(a),
-                            Err(e) => tracing::error!(
-                                outbox_id = r.id,
-                                customer_id = %r.customer_id,
-                                sqlstate = e.as_database_error().and_then(|d| d.code()).as_deref().unwrap_or("-"),
-                                "the database refused this row's outcome; the row is taken again when its lease expires"
-                            ),
-                        }
+        let applied = match write(&shared, &records, &mut backoff, &rx).await {
+            Some(Ok(applied)) => applied,
+            // The database refused something in the batch: write the outcomes one by one,
+            // so one bad outcome never stops the others (G7).
+            Some(Err(_)) => {
+                let mut applied = Vec::new();
+                for r in &records {
+                    match write(&shared, std::slice::from_ref(r), &mut backoff, &rx).await {
+                        Some(Ok(a)) => applied.extend(a),
+                        Some(Err(e)) => tracing::error!(
+                            outbox_id = r.id,
+                            customer_id = %LogId(&r.customer_id),
+                            sqlstate = e.as_database_error().and_then(|d| d.code()).as_deref().unwrap_or("-"),
+                            "the database refused this row's outcome; the row is taken again when its lease expires"
+                        ),
+                        None => return,
                     }
-                    count(&records, &applied);
-                    break;
                 }
-                Err(e) => {
-                    // Keep the outcomes until the database is back; the rows' leases keep
-                    // them ours meanwhile, and a lost lease makes the write a no-op.
-                    let delay = backoff.failed(&e, &shared.health);
-                    if shared.hard_stop.is_cancelled()
-                        && shared.stop.is_cancelled()
-                        && rx.is_closed()
-                    {
-                        tracing::warn!(
-                            rows = records.len(),
-                            "stopping with outcomes unwritten; their rows are taken again when their leases expire"
-                        );
-                        return;
-                    }
-                    tokio::time::sleep(delay).await;
-                }
+                applied
             }
-        }
+            None => return,
+        };
+        count(&records, &applied);
         drop(slots);
         wake.notify_one();
+    }
+}
+
+/// Writes `records`. A refusal of the data is returned; anything else may pass (an outage,
+/// a failover to a read-only node: 25006, 55000, ...) and is waited out with the outcomes
+/// kept: the rows' leases keep them ours meanwhile, and a lost lease makes the write a no-op.
+/// Dropping them would send those rows again once their leases expire. `None`: the process
+/// is stopping with them unwritten.
+async fn write(
+    shared: &Shared,
+    records: &[Record],
+    backoff: &mut Backoff,
+    rx: &Receiver<Done>,
+) -> Option<sqlx::Result<Vec<crate::outbox::store::Applied>>> {
+    loop {
+        match shared.store.record(records).await {
+            Ok(applied) => {
+                backoff.succeeded(&shared.health);
+                return Some(Ok(applied));
+            }
+            Err(e) if refused(&e) => return Some(Err(e)),
+            Err(e) => {
+                let delay = backoff.failed(&e, &shared.health);
+                if shared.hard_stop.is_cancelled() && shared.stop.is_cancelled() && rx.is_closed() {
+                    tracing::warn!(
+                        rows = records.len(),
+                        "stopping with outcomes unwritten; their rows are taken again when their leases expire"
+                    );
+                    return None;
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
 }
 
@@ -85,15 +99,19 @@ fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
             (Disposition::Release, _) => continue,
         };
         if !applied_ids.contains(&r.id) {
-            tracing::warn!(outbox_id = r.id, customer_id = %r.customer_id, outcome, "outcome not written: the row's lease had passed to another worker");
+            tracing::warn!(outbox_id = r.id, customer_id = %LogId(&r.customer_id), outcome, "outcome not written: the row's lease had passed to another worker");
             continue;
         }
         metrics::counter!("imprint_sync_rows_total", "outcome" => outcome).increment(1);
     }
 }
 
-/// A refusal of the data (SQLSTATE classes 22 and 23, …), as opposed to the database being
-/// away or busy, which is waited out.
+/// A refusal of the data itself: SQLSTATE class 22 (data exception), 23 (integrity
+/// constraint violation) or 54 (program limit exceeded, e.g. an index row too large). Only
+/// these are worth writing the batch row by row; everything else says nothing against an
+/// outcome and is waited out.
 fn refused(e: &sqlx::Error) -> bool {
-    e.as_database_error().is_some() && !crate::db::is_transient(e)
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class)))
 }

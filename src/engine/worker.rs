@@ -36,8 +36,11 @@ pub(crate) struct Done {
 }
 
 pub(crate) async fn work(shared: Arc<Shared>, job: Job, tx: tokio::sync::mpsc::Sender<Done>) {
-    let span =
-        tracing::info_span!("row", outbox_id = job.row.id, customer_id = %job.row.customer_id);
+    let span = tracing::info_span!(
+        "row",
+        outbox_id = job.row.id,
+        customer_id = %profile::LogId(&job.row.customer_id)
+    );
     let Some(record) = process(&shared, &job.row, job.claimed_at)
         .instrument(span)
         .await
@@ -61,7 +64,7 @@ async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Optio
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 outbox_id = row.id,
-                customer_id = %row.customer_id,
+                customer_id = %profile::LogId(&row.customer_id),
                 error_code = "invalid_profile",
                 field = e.field,
                 "row cannot be mapped; marked failed"
@@ -152,9 +155,32 @@ async fn send(
                     statuses: customer.statuses.as_ref().map(json_text),
                     drift: customer.drift(request).as_ref().map(json_text),
                     accepted: json_text(&request.fields()),
-                    response: customer.into_stored(shared.settings.keep_sensitive),
+                    response: Some(customer.into_stored(shared.settings.keep_sensitive)),
                 };
                 return record(row, disposition, Some(status), None, None, attempts);
+            }
+            Answer::Accepted { status, error } => {
+                // Accepted, so final; what Imprint now holds is unknown, so no state is kept
+                // (the previous one is stale) and the code says why.
+                attempts.push(log("synced", Some(status), Some(&error.code), None));
+                shared.stats.synced.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(http_status = status, error_code = %error.code, "synced, but the answer could not be read");
+                let disposition = Disposition::Synced {
+                    imprint_updated_at: None,
+                    statuses: None,
+                    drift: None,
+                    // Imprint took the request, even if its answer cannot be read.
+                    accepted: json_text(&request.fields()),
+                    response: None,
+                };
+                return record(
+                    row,
+                    disposition,
+                    Some(status),
+                    Some(error.code),
+                    Some(error.message),
+                    attempts,
+                );
             }
             Answer::RateLimited { retry_after } => {
                 // Not an attempt: the gate and the rate limiter now hold every sender back.
@@ -166,11 +192,17 @@ async fn send(
                 attempts.push(log("rate_limited", Some(429), Some("rate_limited"), None));
                 continue;
             }
-            Answer::AuthRejected { status, error } => {
-                shared.stats.auth_rejected.store(true, Ordering::Relaxed);
-                attempts.push(log("auth_rejected", Some(status), Some(&error.code), None));
+            // Answers no row gets past (a rejected key; a redirect, i.e. a wrong base URL):
+            // the row goes back untouched, and `run --once`, which cannot succeed so, stops.
+            Answer::AuthRejected { status, error } | Answer::Redirected { status, error } => {
+                let (flag, outcome) = if (300..400).contains(&status) {
+                    (&shared.stats.redirected, "redirected")
+                } else {
+                    (&shared.stats.auth_rejected, "auth_rejected")
+                };
+                flag.store(true, Ordering::Relaxed);
+                attempts.push(log(outcome, Some(status), Some(&error.code), None));
                 if shared.mode.once {
-                    // `run --once` cannot succeed with a rejected key: stop and say so.
                     shared.stop.cancel();
                 }
                 return release(row, attempts);
@@ -191,7 +223,10 @@ async fn send(
                         Disposition::Failed { counts: true },
                         status,
                         Some("max_attempts_exceeded".into()),
-                        Some(format!("after {n} attempts, last error: {message}")),
+                        Some(format!(
+                            "after {n} attempts, last error {}: {message}",
+                            error.code
+                        )),
                         attempts,
                     );
                 }
@@ -248,7 +283,8 @@ fn describe(error: &crate::imprint::error::ApiError) -> String {
 fn observe(answer: &Answer, duration: Duration) {
     let class =
         match answer {
-            Answer::Synced { .. } => "2xx",
+            Answer::Synced { .. } | Answer::Accepted { .. } => "2xx",
+            Answer::Redirected { .. } => "3xx",
             Answer::RateLimited { .. } => "429",
             Answer::Failed { status, .. } | Answer::AuthRejected { status, .. } => {
                 if *status >= 500 { "5xx" } else { "4xx" }

@@ -6,7 +6,9 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-use super::error::{Answer, Exchange, TransportError, TransportKind, classify};
+use super::error::{
+    Answer, BODY_MAX, Exchange, TransportError, TransportKind, classify, for_customer,
+};
 use super::model::UpdateCustomerRequest;
 use crate::config::{ConfigError, Settings};
 
@@ -122,30 +124,28 @@ impl Client {
             .post(self.customer_url(customer_id))
             .header(header::CONTENT_TYPE, "application/json")
             .body(body);
-        self.exchange(request).await
+        for_customer(self.exchange(request).await, customer_id)
     }
 
     /// `GET /v2/customers/{customer_id}`, classified.
     pub async fn get_customer(&self, customer_id: &str) -> Answer {
-        self.exchange(self.http.get(self.customer_url(customer_id)))
-            .await
+        let answer = self
+            .exchange(self.http.get(self.customer_url(customer_id)))
+            .await;
+        for_customer(answer, customer_id)
     }
 
     async fn exchange(&self, request: reqwest::RequestBuilder) -> Answer {
         let exchange = match request.send().await {
             Err(e) => Exchange::Transport(transport_error(e)),
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let status = resp.status().as_u16();
                 let retry_after = resp
                     .headers()
                     .get(header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                let body = resp
-                    .bytes()
-                    .await
-                    .map(|b| b.to_vec())
-                    .map_err(transport_error);
+                let body = read_body(&mut resp).await;
                 Exchange::Response {
                     status,
                     retry_after,
@@ -155,6 +155,26 @@ impl Client {
         };
         classify(exchange, self.max_retry_after)
     }
+}
+
+/// Reads the body as it streams in, up to [`BODY_MAX`]: a longer one is left unread (the
+/// connection is dropped with it), so an answer never costs more memory than that.
+async fn read_body(resp: &mut reqwest::Response) -> Result<Vec<u8>, TransportError> {
+    let oversized = || TransportError {
+        kind: TransportKind::Oversized,
+        message: format!("a body over {} KiB (not read)", BODY_MAX / 1024),
+    };
+    if resp.content_length().is_some_and(|n| n > BODY_MAX as u64) {
+        return Err(oversized());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > BODY_MAX {
+            return Err(oversized());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn transport_error(e: reqwest::Error) -> TransportError {

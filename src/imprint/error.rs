@@ -8,17 +8,26 @@ use super::model::Customer;
 
 /// Longest error message kept (bytes).
 pub const MESSAGE_MAX: usize = 1024;
+/// Longest answer body read (bytes). A longer one is not read further: a customer object is a
+/// few KiB, and a body held whole could cost the process its memory limit.
+pub const BODY_MAX: usize = 1 << 20;
+/// Longest error code or field name taken from an answer.
+const NAME_MAX: usize = 64;
 /// `Retry-After` used for a 429 that carries none.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The classified answer to one request. A value, not an `Err`: the engine applies it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
-    /// 2xx with a readable customer object.
+    /// 2xx with a readable customer object of the customer asked about.
     Synced {
         status: u16,
         customer: Box<Customer>,
     },
+    /// 2xx without a readable customer object (204, a body that is no customer object, one
+    /// over [`BODY_MAX`]): Imprint accepted the update, but what it holds is unknown. Final:
+    /// sending it again would learn nothing more.
+    Accepted { status: u16, error: ApiError },
     /// Worth trying again later; counts as an attempt.
     Retry {
         status: Option<u16>,
@@ -30,6 +39,9 @@ pub enum Answer {
     Failed { status: u16, error: ApiError },
     /// 401/403: the key was rejected. No row changes; sending pauses.
     AuthRejected { status: u16, error: ApiError },
+    /// 3xx: `api.base_url` points somewhere else than the API; every row would meet the same
+    /// answer. Like a rejected key: no row changes; sending pauses.
+    Redirected { status: u16, error: ApiError },
 }
 
 /// An error of the API (or of the transport), read from any documented body shape.
@@ -37,9 +49,9 @@ pub enum Answer {
 pub struct ApiError {
     /// `type` of the body (`INVALID_REQUEST_ERROR`), or one of ours (`timeout`, `http_500`).
     pub code: String,
-    /// The field the API blames, where it says.
+    /// The field the API blames, where it says (and it looks like a field name).
     pub param: Option<String>,
-    /// Truncated to 1 KiB. Stored in the database, never logged (it may echo a value).
+    /// Ours, never the API's words (they may echo the refused value); truncated to 1 KiB.
     pub message: String,
 }
 
@@ -72,6 +84,8 @@ pub enum TransportKind {
     Connect,
     /// The connection broke (reset, closed early, bad framing).
     Broken,
+    /// The body is longer than [`BODY_MAX`]; it was not read further.
+    Oversized,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +100,7 @@ impl TransportError {
             TransportKind::Timeout => "timeout",
             TransportKind::Connect => "connection_error",
             TransportKind::Broken => "connection_broken",
+            TransportKind::Oversized => "oversized_response",
         }
     }
 }
@@ -116,6 +131,10 @@ pub fn classify(exchange: Exchange, max_retry_after: Duration) -> Answer {
     }
     let body = match body {
         Ok(b) => b,
+        // Too long to read: the status still says what happened; the body is left unread.
+        Err(e) if e.kind == TransportKind::Oversized => {
+            return classify_unread(status, e);
+        }
         // A body cut short: whatever the status said, the exchange did not complete.
         Err(e) => {
             return Answer::Retry {
@@ -130,13 +149,20 @@ pub fn classify(exchange: Exchange, max_retry_after: Duration) -> Answer {
                 status,
                 customer: Box::new(customer),
             },
-            Err(e) => Answer::Retry {
-                status: Some(status),
-                error: ApiError::new(
-                    "unreadable_response",
-                    format!("{status} with a body that is not a customer object: {e}"),
+            // serde's message may quote the body: say only where reading stopped.
+            Err(_) if body.is_empty() => unverified(status, "an empty body".into()),
+            Err(e) => unverified(
+                status,
+                format!(
+                    "a body that is not a customer object (line {}, column {})",
+                    e.line(),
+                    e.column()
                 ),
-            },
+            ),
+        },
+        300..=399 => Answer::Redirected {
+            status,
+            error: read_error(status, &body),
         },
         401 | 403 => Answer::AuthRejected {
             status,
@@ -160,62 +186,122 @@ pub fn classify(exchange: Exchange, max_retry_after: Duration) -> Answer {
     }
 }
 
+/// A 2xx that cannot be verified: `synced`, with a code saying so.
+fn unverified(status: u16, what: String) -> Answer {
+    Answer::Accepted {
+        status,
+        error: ApiError::new(
+            "unverified_response",
+            format!(
+                "HTTP {status} with {what}: the update was accepted, Imprint's copy is unknown"
+            ),
+        ),
+    }
+}
+
+/// An answer whose body was too long to read: classified by its status alone.
+fn classify_unread(status: u16, e: TransportError) -> Answer {
+    if (200..=299).contains(&status) {
+        return unverified(status, e.message);
+    }
+    let answer = classify(
+        Exchange::Response {
+            status,
+            retry_after: None,
+            body: Ok(Vec::new()),
+        },
+        Duration::ZERO,
+    );
+    let unread = |mut error: ApiError| {
+        error.message = format!("HTTP {status} with {}", e.message);
+        error
+    };
+    match answer {
+        Answer::Retry { status, error } => Answer::Retry {
+            status,
+            error: unread(error),
+        },
+        Answer::Failed { status, error } => Answer::Failed {
+            status,
+            error: unread(error),
+        },
+        other => other,
+    }
+}
+
+/// Checks that a 2xx is about the customer asked about: another customer's object is not
+/// this customer's state (a confused proxy or cache); it is retried, not stored.
+pub fn for_customer(answer: Answer, customer_id: &str) -> Answer {
+    match answer {
+        // Imprint's ids are UUIDs, which compare without regard to case.
+        Answer::Synced { status, customer } if !customer.id.eq_ignore_ascii_case(customer_id) => {
+            Answer::Retry {
+                status: Some(status),
+                error: ApiError::new(
+                    "unreadable_response",
+                    format!("HTTP {status} with the customer object of another customer"),
+                ),
+            }
+        }
+        other => other,
+    }
+}
+
 /// Reads an error body in any shape the reference lists: wrapped `{"error":{…}}`, flat
 /// `{"type":…}`, Spring-style `{"error":"Bad Request","details":[…]}`, or raw text.
+/// Only the code and the field name are kept, and only when they look like a code and a
+/// field name: the API's message may echo the refused value (`bad email: ada@…`), and a log
+/// line or `last_error` must not hold it.
 pub fn read_error(status: u16, body: &[u8]) -> ApiError {
     let fallback_code = format!("http_{status}");
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        let text = String::from_utf8_lossy(body).trim().to_owned();
-        let message = if text.is_empty() {
-            format!("HTTP {status} with an empty body")
-        } else {
-            text
-        };
-        return ApiError::new(fallback_code, message);
+    let (code, param) = match serde_json::from_slice::<Value>(body) {
+        Err(_) if body.iter().all(u8::is_ascii_whitespace) => {
+            return ApiError::new(fallback_code, format!("HTTP {status} with an empty body"));
+        }
+        Err(_) => (None, None),
+        Ok(v) => error_names(&v),
     };
-    let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let code = code.unwrap_or(fallback_code);
+    let message = if code.starts_with("http_") {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status} {code}")
+    };
+    ApiError {
+        code,
+        param,
+        message,
+    }
+}
+
+/// The error code and the blamed field of a JSON error body, where they look like names.
+fn error_names(v: &Value) -> (Option<String>, Option<String>) {
+    let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).and_then(name);
     let shaped = match v.get("error") {
         Some(inner @ Value::Object(_)) => Some(inner),
-        _ if v.get("type").is_some() => Some(&v),
+        _ if v.get("type").is_some() => Some(v),
         _ => None,
     };
     if let Some(e) = shaped {
-        return ApiError {
-            code: str_of(e, "type").map_or(fallback_code, truncate),
-            param: str_of(e, "param").map(truncate),
-            message: truncate(str_of(e, "message").unwrap_or_else(|| e.to_string())),
-        };
+        return (str_of(e, "type"), str_of(e, "param"));
     }
-    // Spring style: `error` is the reason phrase, `details` the field messages.
-    let details: Vec<String> = v
+    // Spring style: `details` are `field: message` lines; the field is all that is kept.
+    let param = v
         .get("details")
         .and_then(Value::as_array)
-        .map(|d| {
-            d.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    if str_of(&v, "error").is_some() || !details.is_empty() {
-        let param = details
-            .first()
-            .and_then(|d| d.split_once(':'))
-            .map(|(field, _)| field.trim().to_owned());
-        let message = if details.is_empty() {
-            str_of(&v, "message")
-                .or_else(|| str_of(&v, "error"))
-                .unwrap_or_default()
-        } else {
-            details.join("; ")
-        };
-        return ApiError {
-            code: fallback_code,
-            param,
-            message: truncate(message),
-        };
-    }
-    ApiError::new(fallback_code, v.to_string())
+        .and_then(|d| d.iter().find_map(Value::as_str))
+        .and_then(|d| d.split_once(':'))
+        .and_then(|(field, _)| name(field.trim()));
+    (None, param)
+}
+
+/// A code or field name: `[A-Za-z0-9_.\[\]-]`, at most 64 bytes; anything else is not kept.
+fn name(s: &str) -> Option<String> {
+    let ok = !s.is_empty()
+        && s.len() <= NAME_MAX
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'[' | b']'));
+    ok.then(|| s.to_owned())
 }
 
 /// `Retry-After` in either form: delta-seconds or an HTTP date.

@@ -31,7 +31,8 @@ pub enum Disposition {
         imprint_updated_at: Option<DateTime<Utc>>,
         /// JSON texts, serialized once by the worker (no clones on the way to the database).
         statuses: Option<String>,
-        response: String,
+        /// None for an accepted answer that could not be read (`unverified_response`).
+        response: Option<String>,
         drift: Option<String>,
         /// The request's columns (`UpdateCustomerRequest::fields`), merged into
         /// `customer_sync_state.accepted`.
@@ -181,9 +182,9 @@ done AS (
         lease_expires_at = NULL,
         leased_by = NULL,
         last_http_status = COALESCE(i.http_status, o.last_http_status),
-        last_error_code = CASE WHEN i.status = 'synced' THEN NULL
+        last_error_code = CASE WHEN i.status = 'synced' THEN i.error_code
                                ELSE COALESCE(i.error_code, o.last_error_code) END,
-        last_error = CASE WHEN i.status = 'synced' THEN NULL
+        last_error = CASE WHEN i.status = 'synced' THEN i.error
                           ELSE COALESCE(i.error, o.last_error) END,
         synced_at = CASE WHEN i.status = 'synced' THEN now() ELSE o.synced_at END,
         updated_at = now()
@@ -294,7 +295,7 @@ impl Store {
                     s_ids.push(r.id);
                     s_updated.push(*imprint_updated_at);
                     s_statuses.push(statuses.as_deref());
-                    s_response.push(response.as_str());
+                    s_response.push(response.as_deref());
                     s_drift.push(drift.as_deref());
                     s_claims.push(r.claim);
                     ("synced", 1, None)

@@ -58,6 +58,21 @@ pub fn check_customer_id(id: &str) -> Result<(), ProfileError> {
     Ok(())
 }
 
+/// A customer id as logs may show it: the id once it passes [`check_customer_id`], else only
+/// its length. The partner's text could be anything (an e-mail, a megabyte, a newline that
+/// forges a log line); the outbox id beside it finds the row.
+#[derive(Debug, Clone, Copy)]
+pub struct LogId<'a>(pub &'a str);
+
+impl std::fmt::Display for LogId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match check_customer_id(self.0) {
+            Ok(()) => f.write_str(self.0),
+            Err(_) => write!(f, "invalid id (len {})", self.0.len()),
+        }
+    }
+}
+
 /// Checks a free text field: at most 255 characters, no control characters.
 pub fn check_text(field: &'static str, v: &str) -> Result<(), ProfileError> {
     if v.chars().count() > limits::TEXT_MAX {

@@ -223,7 +223,7 @@ pub async fn reconcile(settings: Settings, args: ReconcileArgs) -> anyhow::Resul
     }
     if report.auth_rejected {
         eprintln!(
-            "imprint-sync: the API key was rejected (401/403): check api.key; the customers not checked were left as they were"
+            "imprint-sync: the API key was rejected (401/403; check api.key) or the API answered with a redirect (3xx; check api.base_url); the customers not checked were left as they were"
         );
     }
     Ok(report.exit_code())

@@ -66,7 +66,7 @@ impl Outcome {
 /// A check that ended without an outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interrupted {
-    /// The key was rejected (401/403).
+    /// The key was rejected (401/403), or the API answered with a redirect (3xx).
     AuthRejected,
     /// Stopped (shutdown, or another check met a rejected key).
     Stopped,
@@ -147,8 +147,12 @@ impl Reader {
                 // Not an attempt: the gate and the bucket now hold every sender back.
                 Answer::RateLimited { .. } => {}
                 Answer::Failed { status: 404, .. } => return Read::Missing,
-                Answer::Failed { error, .. } => return Read::Failed(error.code),
-                Answer::AuthRejected { .. } => {
+                // A 2xx without a readable customer object: nothing to compare with.
+                Answer::Failed { error, .. } | Answer::Accepted { error, .. } => {
+                    return Read::Failed(error.code);
+                }
+                // Every read would meet the same answer: stop, as the sync pauses.
+                Answer::AuthRejected { .. } | Answer::Redirected { .. } => {
                     return Read::Interrupted(Interrupted::AuthRejected);
                 }
                 Answer::Retry { error, .. } => {

@@ -38,8 +38,31 @@ pub enum GateState {
     Closed,
     /// Outage: shut until the cool-down ends, then one probe.
     CircuitOpen,
-    /// 401/403: shut until the next auth probe.
+    /// 401/403 or a redirect ([`Refusal`]): shut until the next probe.
     AuthPaused,
+}
+
+/// An answer that no row can get past, for the operator to fix: sending pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401/403: the key was rejected.
+    Key,
+    /// 3xx: `api.base_url` does not point at the API.
+    Redirect,
+}
+
+impl Refusal {
+    /// What is wrong and which key to fix.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Key => {
+                "the API key was rejected (401/403): check api.key (or api.key_file); sending is paused"
+            }
+            Refusal::Redirect => {
+                "the API answered with a redirect (3xx): check api.base_url; sending is paused"
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -58,6 +81,8 @@ struct Inner {
     probe_in_flight: bool,
     /// An answer has shown that the key is accepted; until then requests go one at a time.
     verified: bool,
+    /// Why the gate is `AuthPaused`.
+    refusal: Refusal,
 }
 
 impl Gate {
@@ -71,6 +96,7 @@ impl Gate {
                 cooldown: settings.cooldown,
                 probe_in_flight: false,
                 verified: false,
+                refusal: Refusal::Key,
             }),
             changed: Notify::new(),
         }
@@ -203,12 +229,25 @@ impl Gate {
 
     /// 401/403: pause everything; one error line per probe interval says why.
     pub fn on_auth_rejected(&self, status: u16, probe: bool) {
+        self.on_refused(Refusal::Key, status, probe);
+    }
+
+    /// The reason of an auth pause in force.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let g = self.inner();
+        (g.state == GateState::AuthPaused).then_some(g.refusal)
+    }
+
+    /// An answer no row can get past (a rejected key, a redirect): pause everything; one
+    /// error line per probe interval says why and names the key to fix.
+    pub fn on_refused(&self, refusal: Refusal, status: u16, probe: bool) {
         let mut g = self.inner();
         let entering = g.state != GateState::AuthPaused;
         if !entering && !probe {
             return; // a request admitted before the pause: already reported
         }
         g.state = GateState::AuthPaused;
+        g.refusal = refusal;
         g.verified = false;
         g.probe_in_flight = false;
         g.reopen_at = Instant::now() + self.settings.auth_probe_interval;
@@ -217,7 +256,8 @@ impl Gate {
         tracing::error!(
             http_status = status,
             probe_again_in_s = self.settings.auth_probe_interval.as_secs(),
-            "the API key was rejected; check api.key (or api.key_file). Sending is paused; no row changes"
+            "{}; no row changes",
+            refusal.reason()
         );
     }
 

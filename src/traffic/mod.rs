@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::imprint::error::Answer;
-pub use circuit::{Gate, GateState};
+pub use circuit::{Gate, GateState, Refusal};
 pub use rate::AdaptiveRate;
 
 /// May this request go?
@@ -74,18 +74,24 @@ impl Traffic {
                 self.rate.on_rate_limited(*retry_after);
                 self.gate.on_rate_limited(*retry_after, probe);
             }
-            Answer::Synced { .. } | Answer::Failed { .. } => {
+            // An answer that cannot be verified is still an answer: the API is up.
+            Answer::Synced { .. } | Answer::Accepted { .. } | Answer::Failed { .. } => {
                 self.rate.on_success();
                 self.gate.on_success(probe);
             }
             Answer::Retry { .. } => self.gate.on_failure(probe),
-            Answer::AuthRejected { status, .. } => self.gate.on_auth_rejected(*status, probe),
+            Answer::AuthRejected { status, .. } => {
+                self.gate.on_refused(Refusal::Key, *status, probe)
+            }
+            Answer::Redirected { status, .. } => {
+                self.gate.on_refused(Refusal::Redirect, *status, probe)
+            }
         }
     }
 
-    /// Sending is paused because the API key was rejected.
-    pub fn auth_paused(&self) -> bool {
-        self.gate.state() == GateState::AuthPaused
+    /// Why sending is paused for the operator to fix (for `/readyz`), if it is.
+    pub fn pause_reason(&self) -> Option<&'static str> {
+        self.gate.refusal().map(Refusal::reason)
     }
 
     /// A pause (429, open circuit, auth) is in force: claiming more rows would only hold them.
@@ -96,5 +102,62 @@ impl Traffic {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imprint::error::ApiError;
+
+    fn traffic() -> Traffic {
+        Traffic {
+            rate: AdaptiveRate::new(100.0, 10),
+            gate: Gate::new(circuit::GateSettings::default()),
+        }
+    }
+
+    /// An accepted answer that cannot be read says the API is up: it never opens the circuit,
+    /// as the same number of failures would.
+    #[tokio::test(start_paused = true)]
+    async fn unverifiable_answers_never_open_the_circuit() {
+        let t = traffic();
+        let accepted = Answer::Accepted {
+            status: 204,
+            error: ApiError::new("unverified_response", "HTTP 204 with an empty body"),
+        };
+        for _ in 0..20 {
+            t.report(&accepted, false);
+        }
+        assert_eq!(t.gate.state(), GateState::Closed);
+        let failed = Answer::Retry {
+            status: Some(500),
+            error: ApiError::new("http_500", "HTTP 500"),
+        };
+        for _ in 0..5 {
+            t.report(&failed, false);
+        }
+        assert_eq!(t.gate.state(), GateState::CircuitOpen, "the control case");
+    }
+
+    /// A redirect pauses sending like a rejected key, and the reason names `api.base_url`.
+    #[tokio::test(start_paused = true)]
+    async fn a_redirect_pauses_sending_naming_the_base_url() {
+        let t = traffic();
+        assert_eq!(t.pause_reason(), None);
+        let redirected = Answer::Redirected {
+            status: 302,
+            error: ApiError::new("http_302", "HTTP 302"),
+        };
+        t.report(&redirected, true);
+        assert_eq!(t.gate.state(), GateState::AuthPaused);
+        assert!(t.paused_for().is_some());
+        assert!(t.pause_reason().is_some_and(|r| r.contains("api.base_url")));
+        let rejected = Answer::AuthRejected {
+            status: 401,
+            error: ApiError::new("http_401", "HTTP 401"),
+        };
+        t.report(&rejected, true);
+        assert!(t.pause_reason().is_some_and(|r| r.contains("api.key")));
     }
 }

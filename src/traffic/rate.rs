@@ -1,5 +1,8 @@
 //! The token bucket (governor) with an adjustable rate: the deployment's rate divided by the
-//! live replicas, lowered multiplicatively after a 429 and won back additively.
+//! live replicas, lowered multiplicatively after a 429 and won back in steps relative to the
+//! rate in force: quickly while far below the rate that last met a 429, slowly near it. A
+//! step relative to the *configured* rate would, with a configured rate far above the API's
+//! real limit, jump over the limit every second or two.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -11,12 +14,20 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
-/// Lowest share of the target rate AIMD may fall to.
-const FLOOR: f64 = 0.05;
+/// Lowest share of the target rate AIMD may fall to: low enough to settle under an API limit
+/// a thousand times below the configured rate.
+const FLOOR: f64 = 0.001;
+/// Lowest rate AIMD may fall to (requests per second), whatever the target.
+const FLOOR_RATE: f64 = 1.0;
 /// Multiplicative decrease on a 429.
 const DECREASE: f64 = 0.5;
-/// Additive increase per second without a 429, as a share of the target.
-const INCREASE: f64 = 0.05;
+/// Increase per second without a 429, as a share of the rate in force, while well below the
+/// rate that last met a 429 (or far above it, when the limit seems to have moved).
+const INCREASE_FAR: f64 = 0.10;
+/// The same near that rate (from `NEAR` of it to `PAST` of it): probe the limit rarely.
+const INCREASE_NEAR: f64 = 0.005;
+const NEAR: f64 = 0.8;
+const PAST: f64 = 1.1;
 
 /// governor on tokio's clock: the bucket and the sleeps that wait for it read the same time
 /// (and tests with paused time see the bucket refill as time advances).
@@ -52,6 +63,8 @@ struct State {
     /// The rate `limiter` was built for.
     rate: f64,
     paused_until: Option<Instant>,
+    /// The share in force when the last 429 came: the limit is below it.
+    limited_at: Option<f64>,
     last_decrease: Option<Instant>,
     last_increase: Instant,
 }
@@ -86,6 +99,7 @@ impl AdaptiveRate {
                 clock,
                 rate: requests_per_second,
                 paused_until: None,
+                limited_at: None,
                 last_decrease: None,
                 last_increase: Instant::now(),
             }),
@@ -164,19 +178,34 @@ impl AdaptiveRate {
             .last_decrease
             .is_some_and(|t| now.duration_since(t) < retry_after.max(Duration::from_secs(1)));
         if !recent {
-            s.factor = (s.factor * DECREASE).max(FLOOR);
+            s.limited_at = Some(s.factor);
+            s.factor = (s.factor * DECREASE).max(self.floor(s.replicas));
             s.last_decrease = Some(now);
             s.last_increase = now;
             self.rebuild(&mut s);
         }
     }
 
-    /// A request went through: win the rate back, a step per second.
+    /// The lowest share of the target: [`FLOOR`], but never under [`FLOOR_RATE`].
+    fn floor(&self, replicas: u32) -> f64 {
+        let target = self.configured / f64::from(replicas.max(1));
+        (FLOOR_RATE / target).clamp(FLOOR, 1.0)
+    }
+
+    /// A request went through: win the rate back, a step per second, relative to the rate in
+    /// force.
     pub fn on_success(&self) {
         let now = Instant::now();
         let mut s = self.state();
         if s.factor < 1.0 && now.duration_since(s.last_increase) >= Duration::from_secs(1) {
-            s.factor = (s.factor + INCREASE).min(1.0);
+            let near = s
+                .limited_at
+                .is_some_and(|at| s.factor >= at * NEAR && s.factor < at * PAST);
+            if s.limited_at.is_some_and(|at| s.factor >= at * PAST) {
+                s.limited_at = None; // well past it without a 429: the limit has moved
+            }
+            let step = if near { INCREASE_NEAR } else { INCREASE_FAR };
+            s.factor = (s.factor * (1.0 + step)).min(1.0);
             s.last_increase = now;
             self.rebuild(&mut s);
         }
@@ -219,11 +248,7 @@ mod tests {
             tokio::time::advance(Duration::from_millis(1_100)).await;
             rate.on_rate_limited(Duration::from_secs(1));
         }
-        assert!(
-            approx(rate.effective(), 100.0 * FLOOR),
-            "{}",
-            rate.effective()
-        );
+        assert!(approx(rate.effective(), FLOOR_RATE), "{}", rate.effective());
     }
 
     #[tokio::test(start_paused = true)]
@@ -236,10 +261,28 @@ mod tests {
             rate.on_success();
         }
         assert!(approx(rate.effective(), 50.0), "{}", rate.effective());
+        // A step is relative to the rate in force: 10 % while far below the rate that met
+        // the 429, 0.5 % near it.
         tokio::time::advance(Duration::from_secs(1)).await;
         rate.on_success();
         assert!(approx(rate.effective(), 55.0), "{}", rate.effective());
-        for _ in 0..30 {
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            rate.on_success();
+        }
+        assert!(
+            approx(rate.effective(), 50.0 * 1.1f64.powi(5)),
+            "{}",
+            rate.effective()
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rate.on_success();
+        assert!(
+            approx(rate.effective(), 50.0 * 1.1f64.powi(5) * 1.005),
+            "{}",
+            rate.effective()
+        );
+        for _ in 0..60 {
             tokio::time::advance(Duration::from_secs(1)).await;
             rate.on_success();
         }
@@ -309,6 +352,45 @@ mod tests {
             start.elapsed() >= Duration::from_secs(2),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    /// Far above the API's real limit (5,000/s configured, the API takes 100/s) the rate
+    /// settles under the limit and probes over it rarely, not every few seconds.
+    #[tokio::test(start_paused = true)]
+    async fn far_above_the_apis_limit_the_rate_settles() {
+        const LIMIT: f64 = 100.0;
+        let rate = AdaptiveRate::new(5_000.0, 10);
+        let start = Instant::now();
+        let mut limited_at = Vec::new();
+        // Every 100 ms the sender learns one answer: 429 while it sends faster than the API
+        // takes, a success otherwise.
+        for _ in 0..3_000 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            if rate.paused_for().is_some() {
+                continue;
+            }
+            if rate.effective() > LIMIT {
+                rate.on_rate_limited(Duration::from_secs(1));
+                limited_at.push(start.elapsed().as_secs());
+            } else {
+                rate.on_success();
+            }
+        }
+        let late: Vec<u64> = limited_at.iter().copied().filter(|t| *t >= 120).collect();
+        eprintln!(
+            "5000/s against a 100/s limit: 429s at {limited_at:?} s, ending at {:.1}/s",
+            rate.effective()
+        );
+        assert!(late.len() <= 6, "429s at {limited_at:?} s");
+        assert!(
+            late.windows(2).all(|w| w[1] - w[0] >= 20),
+            "probes over the limit closer than 20 s: {late:?}"
+        );
+        assert!(
+            rate.effective() >= 0.4 * LIMIT,
+            "settled near the limit, not at the floor: {}",
+            rate.effective()
         );
     }
 }

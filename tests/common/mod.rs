@@ -89,15 +89,42 @@ impl TestDb {
             .await
             .expect("ALTER DATABASE");
         if !available {
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            self.end_sessions(&mut admin).await;
+        }
+    }
+
+    /// Makes every new session of this database read-only (as after a failover to a replica:
+    /// writes fail with SQLSTATE 25006), or writable again; open sessions are ended, so the
+    /// change holds at once. Only this test's database is touched.
+    pub async fn set_read_only(&self, read_only: bool) {
+        let mut admin = self.admin().await;
+        let alter = if read_only {
+            format!(
+                r#"ALTER DATABASE "{}" SET default_transaction_read_only = on"#,
+                self.name
             )
-            .bind(&self.name)
+        } else {
+            format!(
+                r#"ALTER DATABASE "{}" RESET default_transaction_read_only"#,
+                self.name
+            )
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
             .execute(&mut admin)
             .await
-            .expect("ending the database's sessions");
-        }
+            .expect("ALTER DATABASE");
+        self.end_sessions(&mut admin).await;
+    }
+
+    async fn end_sessions(&self, admin: &mut PgConnection) {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .execute(admin)
+        .await
+        .expect("ending the database's sessions");
     }
 }
 
