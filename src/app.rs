@@ -75,11 +75,25 @@ fn block_on(command: impl Future<Output = anyhow::Result<u8>>) -> ExitCode {
     match runtime.block_on(command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            if let Some(config) = config_error(&e) {
+                tracing::error!(error = %config, "imprint-sync failed");
+                eprintln!("imprint-sync: {config}");
+                return ExitCode::from(exit::CONFIG);
+            }
             tracing::error!(error = format!("{e:#}"), "imprint-sync failed");
             eprintln!("imprint-sync: {e:#}");
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+/// A configuration error met while running (a key the API client refuses, a certificate
+/// that does not verify): exits 64 like one found at load.
+fn config_error(e: &anyhow::Error) -> Option<ConfigError> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<ConfigError>())
+        .map(|c| ConfigError::new(c.key.clone(), c.message.clone()))
+        .or_else(|| db::config_error(e))
 }
 
 fn load_settings(config: Option<&Path>, needs: Needs) -> Result<Settings, ConfigError> {
@@ -96,7 +110,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Migrate => {
-            let pool = db::pool(&settings.database)?;
+            let pool = db::migration_pool(&settings.database)?;
             db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(exit::OK)

@@ -48,6 +48,10 @@ pub struct DatabaseSettings {
     #[serde(serialize_with = "redact_url_password")]
     pub url: String,
     pub max_connections: u32,
+    /// Longest a statement may run before the server cancels it (ms).
+    pub statement_timeout_ms: u64,
+    /// Longest a statement may wait for a lock before the server gives up (ms).
+    pub lock_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -138,10 +142,23 @@ pub struct ReconcileSettings {
 impl ReconcileSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         let hours = self.period_hours;
-        if !(hours.is_finite() && hours > 0.0) {
+        if !(hours.is_finite() && hours > 0.0 && hours <= 8_760.0) {
             return Err(ConfigError::new(
                 "reconcile.period_hours",
-                "must be a number of hours greater than 0",
+                "must be a number of hours greater than 0 and at most 8760 (a year)",
+            ));
+        }
+        // Above these a value is a unit mistake (as the other sections' upper bounds).
+        if self.interval_ms > 3_600_000 {
+            return Err(ConfigError::new(
+                "reconcile.interval_ms",
+                "must be at most 3600000",
+            ));
+        }
+        if self.customers_per_tick > 1_000_000 {
+            return Err(ConfigError::new(
+                "reconcile.customers_per_tick",
+                "must be at most 1000000",
             ));
         }
         let share = self.max_share;
@@ -165,12 +182,17 @@ impl std::fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &redact_database_url(&self.url))
             .field("max_connections", &self.max_connections)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("lock_timeout_ms", &self.lock_timeout_ms)
             .finish()
     }
 }
 
 /// Least margin between the request timeout and the lease: a live worker never loses its lease.
 pub const LEASE_MARGIN_MS: u64 = 5_000;
+
+/// Highest `rate_limit.requests_per_second` accepted.
+pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 
 /// What the command about to run needs from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +279,9 @@ impl Settings {
                 format!("{} is empty", path.display()),
             ));
         }
-        self.api.key = Some(SecretString::from(key.to_owned()));
+        let key = SecretString::from(key.to_owned());
+        header_safe("api.key_file", Some(&key))?;
+        self.api.key = Some(key);
         Ok(())
     }
 
@@ -265,13 +289,18 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.base_url()?;
         self.admin_listen()?;
-        Url::parse(&self.database.url)
-            .map_err(|e| ConfigError::new("database.url", format!("not a URL: {e}")))?;
-        let positive: [(&str, u64); 12] = [
+        crate::db::check_url(&self.database.url)?;
+        self.within_bounds()?;
+        let positive: [(&str, u64); 14] = [
             (
                 "database.max_connections",
                 self.database.max_connections.into(),
             ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+            ),
+            ("database.lock_timeout_ms", self.database.lock_timeout_ms),
             ("api.timeout_ms", self.api.timeout_ms),
             ("api.connect_timeout_ms", self.api.connect_timeout_ms),
             ("sync.batch_size", self.sync.batch_size.into()),
@@ -293,10 +322,10 @@ impl Settings {
             }
         }
         let rps = self.rate_limit.requests_per_second;
-        if !(rps.is_finite() && rps > 0.0) {
+        if !(rps.is_finite() && rps > 0.0 && rps <= MAX_REQUESTS_PER_SECOND) {
             return Err(ConfigError::new(
                 "rate_limit.requests_per_second",
-                "must be a number greater than 0",
+                format!("must be a number greater than 0 and at most {MAX_REQUESTS_PER_SECOND}"),
             ));
         }
         if self.sync.backoff_max_ms < self.sync.backoff_base_ms {
@@ -311,7 +340,13 @@ impl Settings {
                 "must not exceed api.timeout_ms",
             ));
         }
-        if self.sync.lease_ms < self.api.timeout_ms + LEASE_MARGIN_MS {
+        // Checked: the bounds above keep the sum small, but a sum that wrapped would pass.
+        if self
+            .api
+            .timeout_ms
+            .checked_add(LEASE_MARGIN_MS)
+            .is_none_or(|least| self.sync.lease_ms < least)
+        {
             return Err(ConfigError::new(
                 "sync.lease_ms",
                 format!(
@@ -328,6 +363,74 @@ impl Settings {
             && key.expose_secret().trim().is_empty()
         {
             return Err(ConfigError::new("api.key", "is empty"));
+        }
+        // Both travel in an HTTP header: a newline or a control character would pass here and
+        // fail every request at `run`.
+        header_safe("api.key", self.api.key.as_ref())?;
+        header_safe("api.merchant_key", self.api.merchant_key.as_ref())?;
+        Ok(())
+    }
+
+    /// Upper bounds: above them a value is a unit mistake, and the arithmetic on it (ms to a
+    /// database interval, lease deadlines, permits) would overflow.
+    fn within_bounds(&self) -> Result<(), ConfigError> {
+        const HOUR_MS: u64 = 3_600_000;
+        const DAY_MS: u64 = 24 * HOUR_MS;
+        let bounded: [(&str, u64, u64); 17] = [
+            (
+                "database.max_connections",
+                self.database.max_connections.into(),
+                1_000,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+                DAY_MS,
+            ),
+            (
+                "database.lock_timeout_ms",
+                self.database.lock_timeout_ms,
+                DAY_MS,
+            ),
+            ("api.timeout_ms", self.api.timeout_ms, HOUR_MS),
+            (
+                "api.connect_timeout_ms",
+                self.api.connect_timeout_ms,
+                HOUR_MS,
+            ),
+            ("sync.batch_size", self.sync.batch_size.into(), 10_000),
+            ("sync.concurrency", self.sync.concurrency.into(), 10_000),
+            ("sync.poll_interval_ms", self.sync.poll_interval_ms, HOUR_MS),
+            ("sync.lease_ms", self.sync.lease_ms, DAY_MS),
+            ("sync.max_attempts", self.sync.max_attempts.into(), 1_000),
+            ("sync.backoff_base_ms", self.sync.backoff_base_ms, DAY_MS),
+            ("sync.backoff_max_ms", self.sync.backoff_max_ms, 7 * DAY_MS),
+            (
+                "sync.shutdown_grace_ms",
+                self.sync.shutdown_grace_ms,
+                HOUR_MS,
+            ),
+            ("rate_limit.burst", self.rate_limit.burst.into(), 1_000_000),
+            (
+                "rate_limit.max_retry_after_ms",
+                self.rate_limit.max_retry_after_ms,
+                DAY_MS,
+            ),
+            (
+                "retention.synced_days",
+                self.retention.synced_days.into(),
+                36_500,
+            ),
+            (
+                "retention.attempts_days",
+                self.retention.attempts_days.into(),
+                36_500,
+            ),
+        ];
+        for (key, value, max) in bounded {
+            if value > max {
+                return Err(ConfigError::new(key, format!("must be at most {max}")));
+            }
         }
         Ok(())
     }
@@ -366,6 +469,19 @@ impl Settings {
         }
         if url.host().is_none() {
             return Err(ConfigError::new(key, "has no host"));
+        }
+        // Credentials belong in api.key, never in a URL that is printed and logged.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ConfigError::new(
+                key,
+                "must not hold a user name or password (put the key in api.key or api.key_file)",
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(ConfigError::new(
+                key,
+                "must not have a query string or fragment (put the key in api.key or api.key_file)",
+            ));
         }
         Ok(url)
     }
@@ -433,15 +549,49 @@ fn redact_url_password<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S
     s.serialize_str(&redact_database_url(url))
 }
 
-/// The database URL with its password replaced, fit for logs and output.
+/// The database URL with its password replaced, fit for logs and output: the one in the
+/// user info and a `password=` query parameter alike.
 pub fn redact_database_url(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("[redacted]"));
-            u.to_string()
+    const REDACTED: &str = "[redacted]";
+    let Ok(mut u) = Url::parse(url) else {
+        return "[unparseable]".to_owned();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some(REDACTED));
+    }
+    if let Some(query) = u.query() {
+        let query = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if is_password_param(k) => format!("{k}={REDACTED}"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        u.set_query(Some(&query));
+    }
+    u.to_string()
+}
+
+/// A query parameter of a database URL whose value is a secret.
+fn is_password_param(name: &str) -> bool {
+    let name = url::form_urlencoded::parse(name.as_bytes())
+        .next()
+        .map_or_else(|| name.to_owned(), |(k, _)| k.into_owned());
+    name.eq_ignore_ascii_case("password")
+}
+
+/// A secret sent in an HTTP header must be visible ASCII: no space, newline or control
+/// character. The message never shows the value.
+fn header_safe(key: &str, secret: Option<&SecretString>) -> Result<(), ConfigError> {
+    match secret {
+        Some(s) if !s.expose_secret().bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(ConfigError::new(
+                key,
+                "holds a space, a line break, a control or a non-ASCII character (not allowed in an HTTP header)",
+            ))
         }
-        Ok(u) => u.to_string(),
-        Err(_) => "[unparseable]".to_owned(),
+        _ => Ok(()),
     }
 }
 

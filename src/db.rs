@@ -6,7 +6,46 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
-use crate::config::DatabaseSettings;
+use crate::config::{ConfigError, DatabaseSettings};
+
+const URL_KEY: &str = "database.url";
+
+/// Parameters of `database.url` that name a file read at connect time: a missing one is a
+/// configuration error at start, not a failed connection retried forever.
+const URL_FILE_PARAMS: [&str; 7] = [
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+];
+
+/// The other query parameters of `database.url` that sqlx understands. sqlx ignores any
+/// other one (and logs it with its value), so a misspelt `sslmode` would silently mean
+/// plaintext: refused.
+const URL_PARAMS: [&str; 11] = [
+    "sslmode",
+    "ssl-mode",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// TCP keepalives the server applies to our connections (seconds, seconds, probes): a
+/// daemon that vanished without closing its sockets is noticed within about a minute.
+const SERVER_KEEPALIVES: [(&str, &str); 3] = [
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+];
 
 /// The schema every table of ours lives in.
 pub const SCHEMA: &str = "imprint_sync";
@@ -29,17 +68,115 @@ pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
         .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(2)))
 }
 
-/// A pool that connects lazily: a database that is down at start is waited for, not fatal.
+/// Checks `database.url` the way the connection will read it: a URL, a PostgreSQL scheme,
+/// only parameters sqlx understands (a bad `sslmode` included), and readable certificate
+/// files. Messages name the parameter, never its value.
+pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
+    let parsed =
+        url::Url::parse(url).map_err(|e| ConfigError::new(URL_KEY, format!("not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(ConfigError::new(
+            URL_KEY,
+            format!("scheme `{}` is not postgres or postgresql", parsed.scheme()),
+        ));
+    }
+    for (name, _) in parsed.query_pairs() {
+        let indexed_option = name.starts_with("options[") && name.ends_with(']');
+        if !(URL_PARAMS.contains(&&*name) || URL_FILE_PARAMS.contains(&&*name) || indexed_option) {
+            return Err(ConfigError::new(
+                URL_KEY,
+                format!(
+                    "unknown parameter `{}` (known: {}, {})",
+                    name.chars().take(40).collect::<String>(),
+                    URL_PARAMS.join(", "),
+                    URL_FILE_PARAMS.join(", ")
+                ),
+            ));
+        }
+    }
+    url.parse()
+        .map_err(|e: sqlx::Error| ConfigError::new(URL_KEY, e.to_string()))
+}
+
+/// The certificate files `database.url` names must be readable where the daemon runs: sqlx
+/// would report a missing one as an I/O error, which looks transient and is retried forever.
+/// Checked when connecting, not by `check-config`, which may run on another machine.
+fn check_url_files(url: &str) -> Result<(), ConfigError> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    for (name, value) in parsed.query_pairs() {
+        if URL_FILE_PARAMS.contains(&&*name) {
+            std::fs::File::open(&*value).map_err(|e| {
+                ConfigError::new(URL_KEY, format!("{name}: cannot read {value}: {e}"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The pool of `run` and `status`. Every connection carries a `statement_timeout`, a
+/// `lock_timeout` and server-side TCP keepalives (sqlx 0.9 has no client-side keepalive
+/// option). It connects lazily: a database that is down at start is waited for, not fatal.
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    Ok(PgPoolOptions::new()
+    let statement = settings.statement_timeout_ms.to_string();
+    let lock = settings.lock_timeout_ms.to_string();
+    let session = [
+        ("statement_timeout", statement.as_str()),
+        ("lock_timeout", lock.as_str()),
+    ];
+    check_url_files(&settings.url)?;
+    let opts = connect_options(&settings.url)?
+        .options(session)
+        .options(SERVER_KEEPALIVES);
+    Ok(pool_options(settings).connect_lazy_with(opts))
+}
+
+/// The pool of `migrate`: no statement or lock timeout, since a migration may scan a large
+/// table, and waits on the advisory lock while another replica migrates.
+pub fn migration_pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    check_url_files(&settings.url)?;
+    let opts = connect_options(&settings.url)?.options(SERVER_KEEPALIVES);
+    Ok(pool_options(settings).connect_lazy_with(opts))
+}
+
+fn pool_options(settings: &DatabaseSettings) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(connect_options(&settings.url)?))
+}
+
+/// A database error that no wait will cure, met at start: TLS (a certificate that does not
+/// verify, a server without TLS under `sslmode=require`) or a URL sqlx refuses. It is the
+/// configuration's fault, so it exits 64 naming `database.url`.
+pub fn config_error(e: &anyhow::Error) -> Option<ConfigError> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<sqlx::Error>())
+        .find_map(|e| {
+            let tls = |why: &dyn std::fmt::Display| {
+                ConfigError::new(
+                    URL_KEY,
+                    format!("TLS with the database failed: {why} (check sslmode and sslrootcert)"),
+                )
+            };
+            match e {
+                sqlx::Error::Tls(why) => Some(tls(why)),
+                // A certificate refused during the handshake comes as an I/O error whose
+                // cause is rustls's.
+                sqlx::Error::Io(io) => io
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .map(|why| tls(why)),
+                sqlx::Error::Configuration(c) => Some(ConfigError::new(URL_KEY, c.to_string())),
+                _ => None,
+            }
+        })
 }
 
 /// The database is away or busy, not refusing the data: connection failures (08), a server
-/// starting up or shutting down (57), resources (53), a rolled-back transaction (40), or no
-/// answer at all. Waited out with backoff; anything else is a real error.
+/// starting up or shutting down, or a statement cancelled by `statement_timeout` (57),
+/// resources (53), a rolled-back transaction (40), a lock not granted within `lock_timeout`
+/// (55P03), or no answer at all. Waited out with backoff; anything else is a real error.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
@@ -50,9 +187,10 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
             .as_database_error()
             .and_then(|d| d.code())
             .is_some_and(|c| {
-                ["08", "40", "53", "57"]
-                    .iter()
-                    .any(|class| c.starts_with(class))
+                c == "55P03"
+                    || ["08", "40", "53", "57"]
+                        .iter()
+                        .any(|class| c.starts_with(class))
             }),
     }
 }

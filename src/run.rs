@@ -135,6 +135,8 @@ async fn wait_for_schema(pool: &PgPool, stop: &CancellationToken) -> anyhow::Res
     loop {
         match db::check_migrated(pool).await {
             Ok(()) => return Ok(true),
+            // A certificate that does not verify is not waited out: the URL must change.
+            Err(e) if db::config_error(&e).is_some() => return Err(e),
             Err(e) => {
                 // A missing schema is for the operator to fix; a database that is down is
                 // waited for.

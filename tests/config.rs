@@ -54,6 +54,10 @@ fn defaults_are_the_documented_values() {
         "postgres://postgres@localhost:5432/postgres"
     );
     assert_eq!(s.database.max_connections, 8);
+    assert_eq!(
+        (s.database.statement_timeout_ms, s.database.lock_timeout_ms),
+        (30_000, 5_000)
+    );
     assert_eq!(s.api.base_url, "https://dev.sbx.imprint.co");
     assert!(s.api.key.is_none() && s.api.key_file.is_none() && s.api.merchant_key.is_none());
     assert_eq!(
@@ -362,4 +366,157 @@ async fn run_needs_a_key() {
     let out = run_binary(&["run", "--once"], &with_key);
     assert_ne!(out.status.code(), Some(64), "{}", output_text(&out));
     assert!(!output_text(&out).contains(KEY));
+}
+
+/// Values past any sane bound, and values that cannot travel where they go: each exits 64
+/// naming its key, before anything connects or sends (issue 10, section 6).
+#[test]
+fn out_of_range_and_unusable_values_exit_64_naming_the_key() {
+    let newline_key = format!("{KEY}\nX-Forged: 1");
+    let cases: &[(&str, &str, &str)] = &[
+        // 1e16 ms passed, then every claim failed: the lease overflows an interval.
+        (
+            "IMPRINT_SYNC__SYNC__LEASE_MS",
+            "10000000000000000",
+            "sync.lease_ms",
+        ),
+        // Overflowed `concurrency + batch_size` and panicked at `run`.
+        (
+            "IMPRINT_SYNC__SYNC__CONCURRENCY",
+            "4294966796",
+            "sync.concurrency",
+        ),
+        // Wrapped `timeout + margin` in the lease check (a panic in a debug build).
+        (
+            "IMPRINT_SYNC__API__TIMEOUT_MS",
+            "18446744073709551000",
+            "api.timeout_ms",
+        ),
+        (
+            "IMPRINT_SYNC__SYNC__BATCH_SIZE",
+            "1000000",
+            "sync.batch_size",
+        ),
+        (
+            "IMPRINT_SYNC__SYNC__MAX_ATTEMPTS",
+            "4294967295",
+            "sync.max_attempts",
+        ),
+        (
+            "IMPRINT_SYNC__RETENTION__SYNCED_DAYS",
+            "4294967295",
+            "retention.synced_days",
+        ),
+        (
+            "IMPRINT_SYNC__RATE_LIMIT__REQUESTS_PER_SECOND",
+            "1e300",
+            "rate_limit.requests_per_second",
+        ),
+        (
+            "IMPRINT_SYNC__DATABASE__STATEMENT_TIMEOUT_MS",
+            "0",
+            "database.statement_timeout_ms",
+        ),
+        (
+            "IMPRINT_SYNC__DATABASE__LOCK_TIMEOUT_MS",
+            "100000000000",
+            "database.lock_timeout_ms",
+        ),
+        // A key with a line break passed check-config and failed every request at `run`.
+        ("IMPRINT_SYNC__API__KEY", &newline_key, "api.key"),
+        (
+            "IMPRINT_SYNC__API__MERCHANT_KEY",
+            "merchant\r\nkey",
+            "api.merchant_key",
+        ),
+        // sqlx refused it only at connect: exit 70.
+        (
+            "DATABASE_URL",
+            "postgres://app@db.internal:5432/app?sslmode=bogus",
+            "database.url",
+        ),
+        // A misspelt parameter is ignored by sqlx: plaintext where TLS was meant.
+        (
+            "DATABASE_URL",
+            "postgres://app@db.internal:5432/app?ssl_mode=verify-full",
+            "database.url",
+        ),
+        (
+            "DATABASE_URL",
+            "mysql://app@db.internal/app",
+            "database.url",
+        ),
+    ];
+    for (var, value, key) in cases {
+        let out = check_config(&[(var, value)]);
+        assert_config_error(&out, key, &format!("{var}={value:?}"));
+        assert!(
+            !output_text(&out).contains(KEY),
+            "{var}: the key was printed"
+        );
+    }
+}
+
+/// A key file whose key holds a line break is named as the file (the header would fail).
+#[test]
+fn a_key_file_with_a_line_break_inside_is_refused() {
+    let key_file = toml_file(&format!("{KEY}\n{KEY}\n"));
+    let path = key_file.path().to_str().unwrap();
+    let err = load(None, &[("IMPRINT_SYNC__API__KEY_FILE", path)]).unwrap_err();
+    assert_eq!(err.key, "api.key_file", "{err}");
+    assert!(!err.to_string().contains(KEY), "{err}");
+}
+
+/// `run` with a key that cannot be a header exits 64 at start, not 70 (or a retry loop).
+#[test]
+fn run_with_a_key_holding_a_line_break_exits_64() {
+    let key = format!("{KEY}\n");
+    let out = run_binary(
+        &["run", "--once"],
+        &[
+            ("IMPRINT_SYNC__API__KEY", key.as_str()),
+            ("IMPRINT_SYNC__API__BASE_URL", "http://127.0.0.1:9"),
+            ("DATABASE_URL", "postgres://nobody@127.0.0.1:9/none"),
+        ],
+    );
+    assert_config_error(&out, "api.key", "run with a newline in the key");
+    assert!(!output_text(&out).contains(KEY));
+}
+
+/// Credentials in the API's base URL would be printed by check-config and logged: refused,
+/// and the refusal does not echo them.
+#[test]
+fn credentials_in_the_api_base_url_are_refused_without_echoing_them() {
+    for url in [
+        "https://partner:s3cr3t-pw@api.example.com",
+        "https://api.example.com/?token=s3cr3t-pw",
+        "https://api.example.com/#s3cr3t-pw",
+    ] {
+        let out = check_config(&[("IMPRINT_SYNC__API__BASE_URL", url)]);
+        assert_config_error(&out, "api.base_url", url);
+        assert!(
+            !output_text(&out).contains("s3cr3t-pw"),
+            "{url}: {}",
+            output_text(&out)
+        );
+    }
+}
+
+/// A password given as a query parameter of database.url is redacted like one in the user
+/// info, in check-config's output and in Debug.
+#[test]
+fn check_config_redacts_a_password_in_the_database_url_query() {
+    for url in [
+        format!("postgres://app@db.internal:5432/app?password={DB_PASSWORD}&application_name=x"),
+        format!("postgres://app@db.internal:5432/app?pass%77ord={DB_PASSWORD}"),
+        format!("postgres://app:{DB_PASSWORD}@db.internal:5432/app?password={DB_PASSWORD}"),
+    ] {
+        let out = check_config(&[("DATABASE_URL", &url)]);
+        assert_ok(&out, &url);
+        let text = output_text(&out);
+        assert!(!text.contains(DB_PASSWORD), "password printed: {text}");
+        assert!(text.contains("db.internal:5432/app"), "{text}");
+        let s = load(None, &[("DATABASE_URL", &url)]).unwrap();
+        assert!(!format!("{s:?}").contains(DB_PASSWORD), "Debug: {s:?}");
+    }
 }

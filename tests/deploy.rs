@@ -4,6 +4,8 @@
 //! with its own parser; the unit goes through `systemd-analyze` where it exists; the SQL runs
 //! against a real PostgreSQL in a throwaway database.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1189,23 +1191,28 @@ mod roles {
         .unwrap_or_else(|e| panic!("deploy/sql/roles.sql failed: {e}"));
     }
 
-    #[tokio::test]
-    async fn roles_sql_grants_least_privilege() {
+    /// A scratch database set up as the docs say: roles first (they may already exist:
+    /// roles are cluster-wide), then the migrations as the migrator, then roles.sql again:
+    /// idempotent, and it grants on the new tables. Returns a superuser and a migrator pool.
+    async fn with_roles() -> (Scratch, PgPool, PgPool) {
         let scratch = Scratch::create().await;
         let superuser = PgPoolOptions::new()
             .max_connections(1)
             .connect_with(scratch.opts.clone())
             .await
             .unwrap();
-
-        // Roles first (they may already exist: roles are cluster-wide), then the migrations
-        // as the migrator, then roles.sql again: idempotent, and it grants on the new tables.
         run_roles_sql(&superuser).await;
         let migrator = scratch.pool_as("imprint_sync_migrator").await;
         imprint_sync::db::migrate(&migrator)
             .await
             .expect("the migrator role can apply every migration");
         run_roles_sql(&superuser).await;
+        (scratch, superuser, migrator)
+    }
+
+    #[tokio::test]
+    async fn roles_sql_grants_least_privilege() {
+        let (scratch, superuser, migrator) = with_roles().await;
 
         // Everything in the schema belongs to the migrator.
         let owners: Vec<(String, String)> = sqlx::query_as(
@@ -1280,6 +1287,39 @@ mod roles {
         denied(&scratch, w, "DELETE FROM imprint_sync.customer_sync_state").await;
         denied(&scratch, w, "SELECT * FROM imprint_sync.sync_attempts").await;
         denied(&scratch, w, "CREATE TABLE imprint_sync.intruder (x int)").await;
+        // The daemon's columns: a row inserted in flight without a lease wedged its customer;
+        // an explicit id reordered or broke every later insert.
+        for sql in [
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('x', 'in_flight')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('x', 'synced')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, lease_expires_at, leased_by)
+             VALUES ('x', now() + interval '1 day', 'me')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, next_attempt_at)
+             VALUES ('x', now() + interval '1 year')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, attempts) VALUES ('x', 99)",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, superseded_by) VALUES ('x', 1)",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, enqueued_at) VALUES ('x', 'infinity')",
+            "INSERT INTO imprint_sync.customer_outbox (id, customer_id) OVERRIDING SYSTEM VALUE
+             VALUES (9223372036854775000, 'x')",
+        ] {
+            denied(&scratch, w, sql).await;
+        }
+        // Without OVERRIDING, an explicit id is refused before privileges are looked at.
+        let explicit_id = as_role(
+            &scratch,
+            w,
+            "INSERT INTO imprint_sync.customer_outbox (id, customer_id) VALUES (5, 'x')",
+        )
+        .await
+        .expect_err("an explicit id is refused");
+        assert_eq!(
+            explicit_id
+                .as_database_error()
+                .and_then(|e| e.code())
+                .as_deref(),
+            Some("428C9"),
+            "generated_always: {explicit_id}"
+        );
         for table in tables.iter().filter(|t| *t != "customer_outbox") {
             denied(&scratch, w, &format!("SELECT 1 FROM imprint_sync.{table}")).await;
         }
@@ -1369,6 +1409,20 @@ mod roles {
         )
         .await;
         denied(&scratch, d, "SELECT * FROM public.partner_customers").await;
+        // Only what the daemon does: no outbox rows of its own, no rewriting the migrations,
+        // no deleting Imprint's view, no rewriting the attempt log.
+        for sql in [
+            "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('x')",
+            "UPDATE imprint_sync._sqlx_migrations SET success = false",
+            "DELETE FROM imprint_sync._sqlx_migrations",
+            "INSERT INTO imprint_sync._sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (999, 'x', true, '\\x00', 0)",
+            "DELETE FROM imprint_sync.customer_sync_state",
+            "UPDATE imprint_sync.sync_attempts SET outcome = 'synced'",
+            "SELECT nextval(pg_get_serial_sequence('imprint_sync.customer_outbox', 'id'))",
+        ] {
+            denied(&scratch, d, sql).await;
+        }
 
         // --- A table a later migration adds is covered by the default privileges. ---
         allowed(
@@ -1395,5 +1449,296 @@ mod roles {
         daemon.close().await;
         migrator.close().await;
         superuser.close().await;
+    }
+
+    /// With the shipped grants, the partner's ordinary inserts (and the trigger's) work, and
+    /// `run --once` logged in as the daemon role drains them: every statement the daemon
+    /// makes (claim, write-back, attempt log, heartbeat, retention, status) is granted.
+    #[tokio::test]
+    async fn the_daemon_role_drains_what_the_writer_role_inserts() {
+        let (scratch, superuser, migrator) = with_roles().await;
+        migrator.close().await;
+
+        let customers: Vec<String> = (1..=3).map(|n| super::common::customer_id(1, n)).collect();
+        for (n, c) in customers.iter().enumerate() {
+            allowed(
+                &scratch,
+                "imprint_sync_writer",
+                &format!(
+                    "INSERT INTO imprint_sync.customer_outbox (customer_id, email, phone)
+                     VALUES ('{c}', 'u{n}@example.com', '+1415555010{n}')"
+                ),
+            )
+            .await;
+        }
+
+        let sandbox = super::common::sandbox(Default::default()).await;
+        let mut url =
+            url::Url::parse(&std::env::var("DATABASE_URL").unwrap_or_else(|_| LOCAL.to_owned()))
+                .unwrap();
+        url.set_username("imprint_sync_daemon").unwrap();
+        let _ = url.set_password(None);
+        url.set_path(&scratch.name);
+        let env = super::common::test_env(url.as_str(), &sandbox.base_url());
+        let mut run = super::common::Daemon::start(&["run", "--once"], &env);
+        assert_eq!(
+            run.exit_code(60).await,
+            0,
+            "run --once as imprint_sync_daemon: {}",
+            run.stderr()
+        );
+        let synced: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM imprint_sync.customer_outbox WHERE sync_status = 'synced'",
+        )
+        .fetch_one(&superuser)
+        .await
+        .unwrap();
+        assert_eq!(synced, 3, "{}", run.stderr());
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let out = super::common::run_binary(&["status"], &env);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            super::common::output_text(&out)
+        );
+        superuser.close().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS to PostgreSQL
+// ---------------------------------------------------------------------------------------
+
+mod tls {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use imprint_sync::config::Settings;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+
+    use super::common::{API_KEY, Daemon, output_text, run_binary};
+
+    const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+    /// A throwaway CA: its certificate (PEM) and the issuer that signs server certificates.
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    fn as_postgres(program: &str, args: &[&str]) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/{program}")])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {program} as postgres: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A PostgreSQL cluster of its own with `ssl = on` and a server certificate for
+    /// `localhost` signed by a CA made here; stopped and removed on drop (a panic included).
+    struct TlsCluster {
+        dir: tempfile::TempDir,
+        data: PathBuf,
+        port: u16,
+    }
+
+    impl TlsCluster {
+        fn start() -> Self {
+            let dir = tempfile::Builder::new()
+                .prefix("imprint-sync-tls-")
+                .tempdir()
+                .unwrap();
+            let data = dir.path().join("data");
+            let chown = |path: &Path| {
+                let ok = Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(path)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown {}", path.display());
+            };
+            chown(dir.path());
+            as_postgres(
+                "initdb",
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                ],
+            );
+            let ca = ca("imprint-sync test CA");
+            std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+            std::fs::write(
+                dir.path().join("wrong-ca.pem"),
+                self::ca("someone else's CA").pem(),
+            )
+            .unwrap();
+            let server_key = KeyPair::generate().unwrap();
+            let mut params =
+                CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                    .unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "localhost");
+            let cert = params.signed_by(&server_key, &ca).unwrap();
+            std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+            std::fs::write(data.join("server.key"), server_key.serialize_pem()).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let conf = format!(
+                "\nport = {port}\nlisten_addresses = 'localhost'\n\
+                 unix_socket_directories = '{}'\nssl = on\n\
+                 ssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+                dir.path().display()
+            );
+            let mut pg_conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+            pg_conf.push_str(&conf);
+            std::fs::write(data.join("postgresql.conf"), pg_conf).unwrap();
+            chown(dir.path());
+            let cluster = Self { dir, data, port };
+            let log = cluster.dir.path().join("server.log");
+            as_postgres(
+                "pg_ctl",
+                &[
+                    "-D",
+                    cluster.data.to_str().unwrap(),
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "start",
+                ],
+            );
+            cluster
+        }
+
+        /// The URL of the cluster's postgres database, checking the certificate against `ca`.
+        fn url(&self, ca: &str) -> String {
+            format!(
+                "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+                self.port,
+                self.dir.path().join(ca).display()
+            )
+        }
+    }
+
+    impl Drop for TlsCluster {
+        fn drop(&mut self) {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")])
+                .args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+
+    /// The shipped URLs say `sslmode=verify-full`: the daemon connects over TLS and checks the
+    /// server's certificate; a certificate from another CA, or a CA file that is not there,
+    /// is a configuration error (exit 64 naming database.url), never retried.
+    #[tokio::test]
+    async fn verify_full_connects_over_tls_and_a_wrong_ca_exits_64() {
+        let cluster = TlsCluster::start();
+        let url = cluster.url("ca.pem");
+
+        let out = run_binary(&["migrate"], &[("DATABASE_URL", &url)]);
+        assert_eq!(out.status.code(), Some(0), "migrate: {}", output_text(&out));
+        let out = run_binary(&["status", "--json"], &[("DATABASE_URL", &url)]);
+        assert_eq!(out.status.code(), Some(0), "status: {}", output_text(&out));
+
+        // The daemon's own pool: TLS, and the session settings every connection carries.
+        let settings = Settings::load_from(None, [("DATABASE_URL".to_owned(), url.clone())])
+            .expect("the TLS URL is valid configuration");
+        let pool = imprint_sync::db::pool(&settings.database).unwrap();
+        let (ssl, statement, lock, idle): (bool, String, String, String) = sqlx::query_as(
+            "SELECT (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()),
+                    current_setting('statement_timeout'), current_setting('lock_timeout'),
+                    current_setting('tcp_keepalives_idle')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("querying over TLS");
+        assert!(
+            ssl,
+            "pg_stat_ssl.ssl must be true for the daemon's connection"
+        );
+        assert_eq!(
+            (statement.as_str(), lock.as_str(), idle.as_str()),
+            ("30s", "5s", "30"),
+            "statement_timeout, lock_timeout, tcp_keepalives_idle"
+        );
+        pool.close().await;
+
+        for (ca, what) in [
+            ("wrong-ca.pem", "a certificate from another CA"),
+            ("missing-ca.pem", "a CA file that does not exist"),
+        ] {
+            let bad = cluster.url(ca);
+            for args in [&["status"][..], &["migrate"][..]] {
+                let out = run_binary(args, &[("DATABASE_URL", &bad)]);
+                let text = output_text(&out);
+                assert_eq!(out.status.code(), Some(64), "{args:?} with {what}: {text}");
+                assert!(
+                    text.contains("`database.url`"),
+                    "{args:?} with {what}: {text}"
+                );
+            }
+            let out = run_binary(&["status"], &[("DATABASE_URL", &bad)]);
+            if ca == "wrong-ca.pem" {
+                let text = output_text(&out);
+                assert!(
+                    text.contains("TLS") && text.contains("certificate"),
+                    "the error says the certificate did not verify: {text}"
+                );
+            }
+            // `run` used to retry a TLS failure forever; now it stops at start.
+            let env = vec![
+                ("DATABASE_URL".to_owned(), bad.clone()),
+                ("IMPRINT_SYNC__API__KEY".to_owned(), API_KEY.to_owned()),
+                (
+                    "IMPRINT_SYNC__API__BASE_URL".to_owned(),
+                    "http://127.0.0.1:9".to_owned(),
+                ),
+                (
+                    "IMPRINT_SYNC__ADMIN__LISTEN".to_owned(),
+                    "127.0.0.1:0".to_owned(),
+                ),
+            ];
+            let mut daemon = Daemon::start(&["run", "--once"], &env);
+            assert_eq!(
+                daemon.exit_code(30).await,
+                64,
+                "run with {what}: {}",
+                daemon.stderr()
+            );
+            assert!(
+                daemon.stderr().contains("`database.url`"),
+                "{}",
+                daemon.stderr()
+            );
+        }
     }
 }

@@ -131,8 +131,9 @@ async fn at_most_one_row_per_customer_is_in_flight() {
     let db = TestDb::new().await;
     let in_flight = |customer: &str| {
         format!(
-            "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status)
-             VALUES ('{customer}', 'in_flight')"
+            "INSERT INTO imprint_sync.customer_outbox
+                 (customer_id, sync_status, lease_expires_at, leased_by)
+             VALUES ('{customer}', 'in_flight', now() + interval '1 minute', 'w1')"
         )
     };
     for sql in [in_flight("A"), in_flight("B")] {
@@ -327,4 +328,117 @@ async fn a_thousand_row_insert_notifies_once() {
     assert_eq!(first.channel(), "imprint_sync_outbox");
     let second = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
     assert!(second.is_err(), "a second notification arrived: {second:?}");
+}
+
+/// An `in_flight` row without a lease could never be rescued: it blocked its customer and
+/// `run --once` forever. Refused now, whoever inserts or updates it (issue 10, section 5).
+#[tokio::test]
+async fn an_in_flight_row_must_carry_a_lease() {
+    let db = TestDb::new().await;
+    for columns in [
+        "(customer_id, sync_status) VALUES ('A', 'in_flight')",
+        "(customer_id, sync_status, leased_by) VALUES ('A', 'in_flight', 'w1')",
+        "(customer_id, sync_status, lease_expires_at) VALUES ('A', 'in_flight', now())",
+    ] {
+        let sql = format!("INSERT INTO imprint_sync.customer_outbox {columns}");
+        let code = insert_error_code(&db.pool, sql).await;
+        assert_eq!(code, "23514", "check_violation: {columns}");
+    }
+    sqlx::query("INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('B')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let code = insert_error_code(
+        &db.pool,
+        "UPDATE imprint_sync.customer_outbox SET sync_status = 'in_flight' WHERE customer_id = 'B'"
+            .to_owned(),
+    )
+    .await;
+    assert_eq!(code, "23514", "an update into in_flight without a lease");
+}
+
+/// An explicit id broke the order of changes or a later insert: `id` is GENERATED ALWAYS.
+#[tokio::test]
+async fn the_outbox_id_is_always_generated() {
+    let db = TestDb::new().await;
+    let code = insert_error_code(
+        &db.pool,
+        "INSERT INTO imprint_sync.customer_outbox (id, customer_id) VALUES (9223372036854775000, 'A')"
+            .to_owned(),
+    )
+    .await;
+    assert_eq!(code, "428C9", "generated_always");
+    sqlx::query("INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('A')")
+        .execute(&db.pool)
+        .await
+        .expect("an ordinary insert still works");
+}
+
+/// Upgrading a database whose outbox already holds rows a writer left in flight without a
+/// lease: 0003 puts them back to pending and validates the check over every row.
+#[tokio::test]
+async fn migration_0003_rescues_lease_less_in_flight_rows_and_validates() {
+    let db = TestDb::empty().await;
+    let migrator = imprint_sync::db::migrator();
+    migrator
+        .run_to(2, &db.pool)
+        .await
+        .expect("migrations 1 and 2");
+    sqlx::raw_sql(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, email) VALUES ('A', 'a@example.com');
+         INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('B', 'in_flight');
+         INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status, leased_by)
+              VALUES ('C', 'in_flight', 'w-gone');
+         INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status, lease_expires_at, leased_by)
+              VALUES ('D', 'in_flight', now() + interval '1 minute', 'w-live');
+         INSERT INTO imprint_sync.customer_outbox (id, customer_id) VALUES (1000, 'E');",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("rows the old schema allowed");
+
+    let out = migrate(&db);
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    assert_fully_migrated(&db).await;
+
+    let states: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT customer_id, sync_status, leased_by FROM imprint_sync.customer_outbox
+          ORDER BY customer_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let expected = [
+        ("A", "pending", None),
+        ("B", "pending", None),
+        ("C", "pending", None),
+        ("D", "in_flight", Some("w-live")),
+        ("E", "pending", None),
+    ];
+    let states: Vec<(&str, &str, Option<&str>)> = states
+        .iter()
+        .map(|(c, s, l)| (c.as_str(), s.as_str(), l.as_deref()))
+        .collect();
+    assert_eq!(states, expected);
+    let validated: bool = sqlx::query_scalar(
+        "SELECT convalidated FROM pg_constraint WHERE conname = 'customer_outbox_in_flight_has_lease'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(validated, "the check is validated over the existing rows");
+    // The explicit id 1000 no longer lies ahead of the sequence.
+    let next: i64 = sqlx::query_scalar(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('F') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("an ordinary insert after an explicit id");
+    assert!(
+        next > 1000,
+        "the sequence moved past the explicit ids: {next}"
+    );
+    // Running it all again changes nothing.
+    let out = migrate(&db);
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
 }

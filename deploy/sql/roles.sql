@@ -4,11 +4,12 @@
 --
 --   imprint_sync_migrator  owns the imprint_sync schema and everything in it; used only by
 --                          `imprint-sync migrate` (ExecStartPre, the init container).
---   imprint_sync_daemon    what `run` and `status` need: read and write the rows of the
---                          schema's tables, nothing else (no DDL, no TRUNCATE).
---   imprint_sync_writer    a group role for the partner's writers: INSERT into the outbox,
---                          nothing else. NOLOGIN: grant it to the partner's application roles
---                          (GRANT imprint_sync_writer TO partner_app;). It also covers the
+--   imprint_sync_daemon    what `run` and `status` need, table by table (step 4): no DDL,
+--                          no TRUNCATE, no outbox INSERT, no rewriting the migrations.
+--   imprint_sync_writer    a group role for the partner's writers: INSERT of the partner's
+--                          columns of the outbox, nothing else. NOLOGIN: grant it to the
+--                          partner's application roles (GRANT imprint_sync_writer TO
+--                          partner_app;). It also covers the
 --                          enqueue_customer_change() trigger on the partner's own table, which
 --                          inserts with the privileges of the writing role.
 --
@@ -54,30 +55,70 @@ ALTER SCHEMA imprint_sync OWNER TO imprint_sync_migrator;
 REVOKE ALL ON SCHEMA imprint_sync FROM PUBLIC;
 GRANT USAGE ON SCHEMA imprint_sync TO imprint_sync_daemon, imprint_sync_writer;
 
--- 4. The daemon: rows of every table (outbox, customer_sync_state, sync_attempts, workers,
---    and the migration bookkeeping it checks at start), sequences, functions.
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA imprint_sync TO imprint_sync_daemon;
-GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA imprint_sync TO imprint_sync_daemon;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA imprint_sync TO imprint_sync_daemon;
+-- 4. The daemon: exactly the statements `run` and `status` make, table by table.
+--    customer_outbox      read, claim and write back (UPDATE), retention (DELETE); never
+--                         INSERT: rows come from the partner.
+--    customer_sync_state  read and upsert; never DELETE.
+--    sync_attempts        append (INSERT) and retention (DELETE); never UPDATE: it is a log.
+--    workers              the heartbeat: upsert, and forget dead replicas.
+--    _sqlx_migrations     read only (the check at start); `migrate` runs as the migrator.
+--    No sequence privilege: the identity columns need none.
+-- Tables the migrator creates later get rows-only grants by default (step 6); these revoke
+-- what those defaults gave beyond the list above. One DO block, so a running daemon never
+-- sees a moment without its grants. Skipped for tables that do not exist yet (first run).
+DO $daemon$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT * FROM (VALUES
+            ('customer_outbox', 'SELECT, UPDATE, DELETE'),
+            ('customer_sync_state', 'SELECT, INSERT, UPDATE'),
+            ('sync_attempts', 'SELECT, INSERT, DELETE'),
+            ('workers', 'SELECT, INSERT, UPDATE, DELETE'),
+            ('_sqlx_migrations', 'SELECT')) AS v(name, privileges)
+    LOOP
+        IF to_regclass(format('imprint_sync.%I', t.name)) IS NOT NULL THEN
+            EXECUTE format('REVOKE ALL ON imprint_sync.%I FROM imprint_sync_daemon', t.name);
+            EXECUTE format('GRANT %s ON imprint_sync.%I TO imprint_sync_daemon',
+                           t.privileges, t.name);
+        END IF;
+    END LOOP;
+    FOR t IN SELECT s.seq FROM (VALUES
+            (pg_get_serial_sequence('imprint_sync.customer_outbox', 'id')),
+            (pg_get_serial_sequence('imprint_sync.sync_attempts', 'id'))) AS s(seq)
+             WHERE to_regclass('imprint_sync.customer_outbox') IS NOT NULL AND s.seq IS NOT NULL
+    LOOP
+        EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM imprint_sync_daemon', t.seq);
+    END LOOP;
+END
+$daemon$;
 
--- 5. The partner's writers: insert into the outbox only. No SELECT, so no RETURNING either.
+-- 5. The partner's writers: INSERT of the partner's columns of the outbox, nothing else.
+--    Not `id` (an identity), nor `enqueued_at`, `sync_status`, the lease or any other column
+--    the daemon works with: a writer that set them could wedge a customer, reorder its
+--    changes or hide rows. No SELECT either, so no RETURNING.
 DO $writer$
 BEGIN
     IF to_regclass('imprint_sync.customer_outbox') IS NOT NULL THEN
-        GRANT INSERT ON imprint_sync.customer_outbox TO imprint_sync_writer;
+        REVOKE ALL ON imprint_sync.customer_outbox FROM imprint_sync_writer;
+        GRANT INSERT (customer_id, email, phone, first_name, last_name, preferred_language,
+                      street_line1, street_line2, city, state, postal_code, country,
+                      account_tenure, ltv_amount, ltv_currency, loyalty_tier,
+                      account_created_at, transaction_count, metadata)
+            ON imprint_sync.customer_outbox TO imprint_sync_writer;
     END IF;
 END
 $writer$;
--- Identity columns need no sequence privilege; this covers a serial column should one appear.
-GRANT USAGE ON ALL SEQUENCES IN SCHEMA imprint_sync TO imprint_sync_writer;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA imprint_sync FROM imprint_sync_writer;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA imprint_sync TO imprint_sync_writer;
 
--- 6. Objects the migrator creates later (the next migrations) get the same grants.
+-- 6. Objects the migrator creates later (the next migrations): rows for the daemon, nothing
+--    for the writers. Run this script again after `migrate` to narrow them as above.
 ALTER DEFAULT PRIVILEGES FOR ROLE imprint_sync_migrator IN SCHEMA imprint_sync
     GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO imprint_sync_daemon;
 ALTER DEFAULT PRIVILEGES FOR ROLE imprint_sync_migrator IN SCHEMA imprint_sync
     GRANT USAGE, SELECT ON SEQUENCES TO imprint_sync_daemon;
 ALTER DEFAULT PRIVILEGES FOR ROLE imprint_sync_migrator IN SCHEMA imprint_sync
-    GRANT USAGE ON SEQUENCES TO imprint_sync_writer;
+    REVOKE USAGE ON SEQUENCES FROM imprint_sync_writer;
 ALTER DEFAULT PRIVILEGES FOR ROLE imprint_sync_migrator IN SCHEMA imprint_sync
-    GRANT EXECUTE ON FUNCTIONS TO imprint_sync_daemon, imprint_sync_writer;
+    GRANT EXECUTE ON FUNCTIONS TO imprint_sync_writer;
