@@ -1409,10 +1409,26 @@ mod roles {
         )
         .await;
         denied(&scratch, d, "SELECT * FROM public.partner_customers").await;
-        // Only what the daemon does: no outbox rows of its own, no rewriting the migrations,
-        // no deleting Imprint's view, no rewriting the attempt log.
+        // `reconcile --repair`: a row of the partner's columns (the profile Imprint accepted),
+        // and the run's summary.
+        allowed(
+            &scratch,
+            d,
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, email, metadata)
+             VALUES ('BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 'a@example.com', '{}') RETURNING id;
+             INSERT INTO imprint_sync.reconcile_runs
+                 (started_at, repair, checked, in_step, drifted, missing, errors, repaired)
+             VALUES (now(), true, 1, 0, 1, 0, 0, 1);
+             UPDATE imprint_sync.customer_sync_state
+                SET checked_at = now(), verified_at = now(), reconcile_result = 'drifted'",
+        )
+        .await;
+        // Only what the daemon does: none of its own columns in a new outbox row, no rewriting
+        // the migrations, no deleting Imprint's view, no rewriting the attempt log or the runs.
         for sql in [
-            "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('x')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('x', 'synced')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, superseded_by) VALUES ('x', 1)",
+            "DELETE FROM imprint_sync.reconcile_runs",
             "UPDATE imprint_sync._sqlx_migrations SET success = false",
             "DELETE FROM imprint_sync._sqlx_migrations",
             "INSERT INTO imprint_sync._sqlx_migrations (version, description, success, checksum, execution_time)
