@@ -407,6 +407,11 @@ async fn bad_arguments_and_configuration_exit_64() {
             &[("RECONCILE__PERIOD_HOURS", "0")][..],
             "reconcile.period_hours",
         ),
+        (
+            &[][..],
+            &[("RECONCILE__INTERVAL_MS", "86400000")][..],
+            "reconcile.interval_ms",
+        ),
     ] {
         let pass = reconcile(&db, &api, args, overrides);
         assert_eq!(pass.code, 64, "{args:?} {overrides:?}: {}", pass.text);
