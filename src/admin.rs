@@ -53,6 +53,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             describe();
             register();
+            crate::reconcile::register_metrics();
             handle
         })
         .clone()

@@ -66,6 +66,7 @@ pub fn main(cli: Cli) -> ExitCode {
     }
     let needs = match &command {
         Command::Run(args) if !args.dry_run => Needs::ApiKey,
+        Command::Reconcile(_) => Needs::ApiKey,
         _ => Needs::Nothing,
     };
     let settings = match load_settings(config.as_deref(), needs) {
@@ -158,5 +159,6 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Completions { .. } | Command::Man => {
             unreachable!("answered before the configuration is loaded")
         }
+        Command::Reconcile(args) => crate::reconcile::command::reconcile(settings, args).await,
     }
 }

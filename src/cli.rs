@@ -48,6 +48,9 @@ pub enum Command {
     },
     /// Print the man page (roff), e.g. `imprint-sync man > imprint-sync.1`.
     Man,
+    /// Compare Imprint's copy of customers with the partner's newest synced profile (exit 0:
+    /// all in step; 1: drift or missing found; 2: the key was rejected).
+    Reconcile(ReconcileArgs),
 }
 
 /// Which failed rows a command works on. Every given filter must hold; a repeated filter
@@ -124,6 +127,26 @@ pub struct StatusArgs {
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
           conflicts_with_all = ["check", "json"])]
     pub watch: Option<u64>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct ReconcileArgs {
+    /// Check this customer (Imprint's id); repeatable. Default: every customer, least
+    /// recently checked first.
+    #[arg(long, value_name = "ID")]
+    pub customer: Vec<String>,
+    /// Check at most N customers.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Only customers synced within this long: 90s, 15m, 24h, 7d.
+    #[arg(long, value_name = "DURATION")]
+    pub since: Option<String>,
+    /// Enqueue an outbox row with the partner's newest profile for each drifted customer.
+    #[arg(long)]
+    pub repair: bool,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Clone, Default)]

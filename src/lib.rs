@@ -12,6 +12,7 @@ pub mod imprint;
 pub mod inspect;
 pub mod outbox;
 pub mod profile;
+pub mod reconcile;
 pub mod run;
 pub mod sandbox;
 pub mod status;

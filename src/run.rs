@@ -51,13 +51,25 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     let client = Client::from_settings(&settings)?;
     let traffic = Traffic::new(&settings);
     let engine = Engine::with_mode(
-        pool,
-        client,
+        pool.clone(),
+        client.clone(),
         traffic.clone(),
         EngineSettings::from_settings(&settings),
         worker_id.clone(),
         RunMode { once: args.once },
     );
+    let sweep = if args.once {
+        None
+    } else {
+        crate::reconcile::sweep::spawn(
+            &settings,
+            pool,
+            client,
+            traffic.clone(),
+            engine.health(),
+            shutdown.clone(),
+        )
+    };
     let (_, admin) = crate::admin::spawn(
         &settings,
         engine.store().clone(),
@@ -71,6 +83,9 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     let summary = engine.run(shutdown.clone()).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
+    if let Some(sweep) = sweep {
+        let _ = sweep.await;
+    }
     let _ = admin.await;
     report(&summary, args.once);
     Ok(exit_code(&summary, args.once))

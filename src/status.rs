@@ -10,15 +10,16 @@ use crate::app::exit;
 use crate::cli::StatusArgs;
 use crate::config::Settings;
 use crate::db;
+use crate::outbox::reconcile::ReconcileStore;
 use crate::outbox::store::{StatusReport, Store};
 
 /// Runs `status` with its flags; returns the exit code (`--check`: 1 on a breach).
 pub async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<u8> {
     let pool = db::connect_now(&settings.database).await?;
     if let Some(every) = args.watch {
-        return watch(&pool, Duration::from_secs(every.max(1))).await;
+        return watch(&pool, Duration::from_secs(every.max(1)), settings).await;
     }
-    let report = read(&pool).await?;
+    let report = read(&pool, settings).await?;
     if args.check {
         let breaches = breaches(&report, args);
         for b in &breaches {
@@ -38,19 +39,27 @@ pub async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<u8
     Ok(exit::OK)
 }
 
-async fn read(pool: &PgPool) -> anyhow::Result<StatusReport> {
-    Store::new(pool.clone(), "status")
+async fn read(pool: &PgPool, settings: &Settings) -> anyhow::Result<StatusReport> {
+    let mut report = Store::new(pool.clone(), "status")
         .status()
         .await
-        .context("reading the outbox status (is the schema migrated? run `imprint-sync migrate`)")
+        .context("reading the outbox status (is the schema migrated? run `imprint-sync migrate`)")?;
+    let period = settings.reconcile.period();
+    if period != crate::outbox::reconcile::DEFAULT_PERIOD {
+        report.reconcile = ReconcileStore::new(pool.clone())
+            .status(period)
+            .await
+            .context("reading the reconciliation status")?;
+    }
+    Ok(report)
 }
 
 /// Redraws the table until Ctrl-C (SIGTERM ends the process as usual).
-async fn watch(pool: &PgPool, every: Duration) -> anyhow::Result<u8> {
+async fn watch(pool: &PgPool, every: Duration, settings: &Settings) -> anyhow::Result<u8> {
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
-        let report = read(pool).await?;
+        let report = read(pool, settings).await?;
         // Clear the screen and home the cursor: a redraw, not a scroll.
         print!(
             "\x1b[2J\x1b[H{}\n(every {} s; Ctrl-C to stop) {}\n",
@@ -127,5 +136,6 @@ pub fn table(r: &StatusReport) -> String {
             line(&format!("  {code}"), n.to_string());
         }
     }
+    out.push_str(&crate::reconcile::command::status_lines(&r.reconcile));
     out
 }

@@ -101,6 +101,17 @@ fn deployed_objects() -> Vec<(String, Value)> {
     out
 }
 
+/// The one object the kustomization takes from `file`.
+fn from_file(objects: &[(String, Value)], file: &str) -> Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|(f, _)| f == file)
+        .map(|(_, o)| o)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one object from {file}");
+    found[0].clone()
+}
+
 fn one_of_kind(objects: &[(String, Value)], kind: &str) -> Value {
     let found: Vec<&Value> = objects
         .iter()
@@ -530,10 +541,26 @@ fn pdb_and_service_select_the_daemon_pods() {
     assert_eq!(s(at(&svc, "spec.ports.0"), "targetPort"), "admin");
 }
 
+/// A Job spec that runs once (no retry: a replay would replay twice, a reconcile exit 1 reports
+/// drift) in a hardened pod; returns the pod spec and its container.
+fn one_shot_pod(job_spec: &Value) -> (&Value, &Value) {
+    assert_eq!(
+        at(job_spec, "backoffLimit").as_i64(),
+        Some(0),
+        "never run twice"
+    );
+    let pod = at(job_spec, "template.spec");
+    assert_eq!(s(pod, "restartPolicy"), "Never");
+    assert_pod_hardened(pod);
+    let c = &seq(pod, "containers")[0];
+    assert_container_hardened(c);
+    (pod, c)
+}
+
 #[test]
 fn replay_cronjob_is_suspended_in_the_kustomization_and_replays_once() {
     let objects = deployed_objects();
-    let cron = one_of_kind(&objects, "CronJob");
+    let cron = from_file(&objects, "replay-failed-cronjob.yaml");
     assert_eq!(s(&cron, "apiVersion"), "batch/v1");
     // Never fires by itself: a replay is made from it with `kubectl create job --from=...`.
     assert_eq!(at(&cron, "spec.suspend").as_bool(), Some(true));
@@ -658,10 +685,10 @@ fn kustomize_renders_where_kubectl_exists() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (_, pinned) = pinned_image(&kustomization().kustomization);
-    // The init container, the daemon and the replay CronJob all get the pinned image.
+    // The init container, the daemon, the replay and the reconcile CronJobs get the pinned image.
     assert_eq!(
         stdout.matches(&format!("image: {pinned}")).count(),
-        3,
+        4,
         "{stdout}"
     );
     let rendered: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
@@ -677,6 +704,39 @@ fn kustomize_renders_where_kubectl_exists() {
     ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
+}
+
+#[test]
+fn reconcile_cronjob_repairs_nightly_as_the_daemon_role() {
+    let objects = deployed_objects();
+    let cron = from_file(&objects, "reconcile-cronjob.yaml");
+    assert!(!s(&cron, "spec.schedule").is_empty());
+    assert_eq!(s(&cron, "spec.concurrencyPolicy"), "Forbid");
+    let (pod, c) = one_shot_pod(at(&cron, "spec.jobTemplate.spec"));
+    match parse_cli(&strings(c, "args")).command {
+        Cmd::Reconcile(r) => assert!(r.repair && r.customer.is_empty() && r.limit.is_none()),
+        other => panic!("the CronJob must run `reconcile --repair`, not {other:?}"),
+    }
+    let (image_name, _) = pinned_image(&kustomization().kustomization);
+    assert_eq!(
+        s(c, "image"),
+        image_name,
+        "the image is set by the kustomization"
+    );
+    let configmap = one_of_kind(&objects, "ConfigMap");
+    let settings = load_pod_config(&configmap, pod, c);
+    settings
+        .require(Needs::ApiKey)
+        .expect("the CronJob has an API key");
+    assert!(settings.database.url.contains("imprint_sync_daemon"));
+    let component = at(&cron, "spec.jobTemplate.spec.template.metadata.labels")
+        .get("app.kubernetes.io/component")
+        .and_then(Value::as_str);
+    assert_eq!(
+        component,
+        Some("reconcile"),
+        "not selected as a daemon replica"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -882,13 +942,24 @@ fn systemd_migration_refuses_an_empty_migrator_url() {
 /// test's own build of the binary (verify insists that ExecStart's file exists).
 /// Returns the problems it reported about our unit, or None where systemd-analyze is absent.
 fn systemd_verify(unit_text: &str) -> Option<Vec<String>> {
+    systemd_verify_units(&[("imprint-sync.service", unit_text)])
+}
+
+/// `systemd_verify` of several units side by side (a timer and its service), by file name.
+fn systemd_verify_units(units: &[(&str, &str)]) -> Option<Vec<String>> {
     let dir = tempfile::tempdir().unwrap();
-    let unit = dir.path().join("imprint-sync.service");
     let bin = env!("CARGO_BIN_EXE_imprint-sync");
-    std::fs::write(&unit, unit_text.replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+    let paths: Vec<PathBuf> = units
+        .iter()
+        .map(|(name, text)| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text.replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+            path
+        })
+        .collect();
     let out = match Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(&unit)
+        .args(&paths)
         .env("SYSTEMD_LOG_COLOR", "0")
         .output()
     {
@@ -929,6 +1000,56 @@ fn systemd_analyze_verify_accepts_the_unit() {
         problems.iter().any(|p| p.contains("LockPersonalty")),
         "a misspelled key must be reported: {problems:#?}"
     );
+}
+
+const RECONCILE_UNIT: &str = "deploy/systemd/imprint-sync-reconcile.service";
+const RECONCILE_TIMER: &str = "deploy/systemd/imprint-sync-reconcile.timer";
+
+#[test]
+fn the_reconcile_timer_starts_a_nightly_repair_pass() {
+    let timer = unit_directives(&read(RECONCILE_TIMER));
+    let get = |d: &BTreeMap<(String, String), Vec<String>>, section: &str, key: &str| {
+        d.get(&(section.to_owned(), key.to_owned()))
+            .and_then(|v| v.last().cloned())
+            .unwrap_or_else(|| panic!("[{section}] {key}= is missing"))
+    };
+    assert!(get(&timer, "Timer", "OnCalendar").contains("02:30"));
+    assert_eq!(get(&timer, "Timer", "Persistent"), "true");
+    assert_eq!(
+        get(&timer, "Timer", "Unit"),
+        "imprint-sync-reconcile.service"
+    );
+    assert_eq!(get(&timer, "Install", "WantedBy"), "timers.target");
+
+    let unit = read(RECONCILE_UNIT);
+    let service = unit_directives(&unit);
+    assert_eq!(service_value(&service, "Type"), "oneshot");
+    let exec = service_value(&service, "ExecStart");
+    let args: Vec<String> = exec.split_whitespace().skip(1).map(str::to_owned).collect();
+    match parse_cli(&args).command {
+        Cmd::Reconcile(r) => assert!(r.repair),
+        other => panic!("the unit must run `reconcile --repair`, not {other:?}"),
+    }
+    // The same secrets and configuration as the daemon's unit.
+    let daemon = unit_directives(&read(UNIT));
+    assert_eq!(
+        service_value(&service, "EnvironmentFile"),
+        service_value(&daemon, "EnvironmentFile")
+    );
+    assert_eq!(service_value(&service, "DynamicUser"), "yes");
+
+    // systemd-analyze verify, on both units side by side.
+    let timer_text = read(RECONCILE_TIMER);
+    let Some(problems) = systemd_verify_units(&[
+        ("imprint-sync-reconcile.service", &unit),
+        ("imprint-sync-reconcile.timer", &timer_text),
+    ]) else {
+        println!(
+            "SKIPPED: systemd-analyze is not installed; the units were checked by parsing only"
+        );
+        return;
+    };
+    assert!(problems.is_empty(), "systemd-analyze verify: {problems:#?}");
 }
 
 #[test]
@@ -1375,10 +1496,26 @@ mod roles {
         )
         .await;
         denied(&scratch, d, "SELECT * FROM public.partner_customers").await;
-        // Only what the daemon does: no outbox rows of its own, no rewriting the migrations,
-        // no deleting Imprint's view, no rewriting the attempt log.
+        // `reconcile --repair`: a row of the partner's columns (the profile Imprint accepted),
+        // and the run's summary.
+        allowed(
+            &scratch,
+            d,
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, email, metadata)
+             VALUES ('BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 'a@example.com', '{}') RETURNING id;
+             INSERT INTO imprint_sync.reconcile_runs
+                 (started_at, repair, checked, in_step, drifted, missing, errors, repaired)
+             VALUES (now(), true, 1, 0, 1, 0, 0, 1);
+             UPDATE imprint_sync.customer_sync_state
+                SET checked_at = now(), verified_at = now(), reconcile_result = 'drifted'",
+        )
+        .await;
+        // Only what the daemon does: none of its own columns in a new outbox row, no rewriting
+        // the migrations, no deleting Imprint's view, no rewriting the attempt log or the runs.
         for sql in [
-            "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('x')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('x', 'synced')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, superseded_by) VALUES ('x', 1)",
+            "DELETE FROM imprint_sync.reconcile_runs",
             "UPDATE imprint_sync._sqlx_migrations SET success = false",
             "DELETE FROM imprint_sync._sqlx_migrations",
             "INSERT INTO imprint_sync._sqlx_migrations (version, description, success, checksum, execution_time)

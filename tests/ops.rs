@@ -323,7 +323,8 @@ fn status_json(db: &TestDb) -> Value {
             "oldest_pending_age_seconds",
             "failed_by_error_code",
             "last_synced_at",
-            "replicas"
+            "replicas",
+            "reconcile"
         ]),
         "{text}"
     );

@@ -3,4 +3,5 @@
 pub mod dead_letters;
 pub mod history;
 pub mod model;
+pub mod reconcile;
 pub mod store;

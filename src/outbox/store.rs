@@ -681,6 +681,8 @@ pub struct StatusReport {
     pub failed_by_error_code: std::collections::BTreeMap<String, i64>,
     pub last_synced_at: Option<DateTime<Utc>>,
     pub replicas: Vec<Replica>,
+    /// Reconciliation: the last pass, customers verified in the period, drifted and missing now.
+    pub reconcile: super::reconcile::ReconcileStatus,
 }
 
 impl Store {
@@ -756,6 +758,9 @@ impl Store {
             failed_by_error_code,
             last_synced_at,
             replicas,
+            reconcile: super::reconcile::ReconcileStore::new(self.pool.clone())
+                .status(super::reconcile::DEFAULT_PERIOD)
+                .await?,
         })
     }
 }
