@@ -178,7 +178,8 @@ pub fn config_error(e: &anyhow::Error) -> Option<ConfigError> {
 /// rather than a pool timeout behind a query.
 pub async fn connect_now(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     // One plain connection first: a pool retries until its timeout and then reports only
-    // that it timed out.
+    // that it timed out. The certificate files first, so a missing one exits 64 here too.
+    check_url_files(&settings.url)?;
     let conn = connect_options(&settings.url)?
         .connect()
         .await
