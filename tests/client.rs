@@ -353,3 +353,70 @@ async fn a_refused_connection_is_retried() {
     };
     assert_eq!((status, error.code.as_str()), (None, "connection_error"));
 }
+
+/// An API (or a proxy) that echoes the request's key in its error body: the key is blotted
+/// out before the body is read, so it reaches no error code, `last_error` or log line — even
+/// a key that looks like a code.
+#[tokio::test]
+async fn a_key_echoed_by_the_api_is_blotted_out() {
+    let key = "sk_test_lowercasecanary";
+    let server = MockServer::start().await;
+    for (status, at) in [(400u16, "/v2/customers/A1"), (401, "/v2/customers/A2")] {
+        let body =
+            json!({"error": {"type": key, "param": key, "message": format!("Bearer {key}")}});
+        Mock::given(method("POST"))
+            .and(path(at))
+            .respond_with(ResponseTemplate::new(status).set_body_json(body))
+            .mount(&server)
+            .await;
+    }
+    let c = client_with(mock_url(&server), key, None, Duration::from_secs(5));
+    for id in ["A1", "A2"] {
+        let answer = c.update_customer(id, &request("+14155552671")).await;
+        let (Answer::Failed { status, error } | Answer::AuthRejected { status, error }) = &answer
+        else {
+            panic!("{answer:?}");
+        };
+        assert!((400..402).contains(status), "{answer:?}");
+        assert!(!format!("{answer:?}").contains(key), "{answer:?}");
+        assert_eq!(error.code, format!("http_{status}"));
+    }
+}
+
+/// A body that stalls mid-way, past the timeout, with the connection left open: the request
+/// timeout covers the body too, so the answer is a retryable timeout, not a wait for ever.
+#[tokio::test]
+async fn a_body_stalled_past_the_timeout_is_a_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request_complete(&seen) {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(br#"{"id":"BBB8"#).await.unwrap();
+        socket.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(socket);
+    });
+    let base = Url::parse(&format!("http://{addr}/")).unwrap();
+    let c = client_with(base, KEY, None, Duration::from_millis(500));
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.update_customer(ID, &request("+14155552671")),
+    )
+    .await
+    .expect("the request timeout covers the body");
+    let Answer::Retry { status, error } = answer else {
+        panic!("{answer:?}");
+    };
+    assert_eq!((status, error.code.as_str()), (Some(200), "timeout"));
+}

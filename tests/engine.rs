@@ -819,3 +819,47 @@ async fn outcomes_outlive_a_read_only_database() {
     assert_eq!(summary.synced, 20);
     assert_eq!(sandbox.stats().requests_total, 20, "no row was sent twice");
 }
+
+/// `ssn4` and `date_of_birth` are kept out of the stored response wherever the API puts
+/// them: in another case or spelling (`SSN4`, `dateOfBirth`), or nested in an object the
+/// daemon does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensitive_fields_are_not_stored_under_another_name_or_nested() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let c = customer_id(15, 1);
+    let body = json!({
+        "id": c, "ssn4": "8841", "SSN4": "8841", "dateOfBirth": {"year": 1971},
+        "identity": {"ssn4": "8841", "date_of_birth": {"year": 1971, "month": 3, "day": 9}},
+        "kyc": [{"Date_Of_Birth": "1971-03-09"}],
+        "statuses": {"Imprint Card": "OPEN"}, "loyalty": {"tier": "GOLD"},
+    });
+    answer(
+        &server,
+        &c,
+        vec![ResponseTemplate::new(200).set_body_json(body)],
+    )
+    .await;
+    let ids = insert(&db.pool, &[profile(&c, 1)]).await;
+    run_once(&db, &Url::parse(&server.uri()).unwrap(), &[]).await;
+
+    assert_eq!(row(&db.pool, ids[0]).await.sync_status, "synced");
+    let response: Value = sqlx::query_scalar(
+        "SELECT response FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
+    )
+    .bind(&c)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let text = response.to_string();
+    assert!(
+        !text.contains("8841") && !text.contains("1971"),
+        "stored: {text}"
+    );
+    assert_eq!(
+        response["loyalty"],
+        json!({"tier": "GOLD"}),
+        "the rest is kept"
+    );
+    assert_eq!(response["statuses"], json!({"Imprint Card": "OPEN"}));
+}
