@@ -285,8 +285,9 @@ async fn a_streamed_answer_past_one_mib_is_not_read_further() {
     assert!(sent < 64 << 20, "the client read all {sent} bytes");
 }
 
-/// A server that answers 200 promising 1000 bytes, sends a few, and closes.
-async fn cut_short_server() -> Url {
+/// A server that answers 200 promising 1000 bytes, sends a few, and then closes, or with
+/// `stall`, holds the connection open that long.
+async fn cut_short_server(stall: Option<Duration>) -> Url {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -305,6 +306,9 @@ async fn cut_short_server() -> Url {
         socket.write_all(head.as_bytes()).await.unwrap();
         socket.write_all(br#"{"id":"BBB8"#).await.unwrap();
         socket.flush().await.unwrap();
+        if let Some(stall) = stall {
+            tokio::time::sleep(stall).await;
+        }
     });
     Url::parse(&format!("http://{addr}/")).unwrap()
 }
@@ -325,7 +329,7 @@ fn request_complete(seen: &[u8]) -> bool {
 
 #[tokio::test]
 async fn a_body_cut_mid_way_is_retried() {
-    let base = cut_short_server().await;
+    let base = cut_short_server(None).await;
     let answer = client(base)
         .update_customer(ID, &request("+14155552671"))
         .await;
@@ -387,27 +391,7 @@ async fn a_key_echoed_by_the_api_is_blotted_out() {
 /// timeout covers the body too, so the answer is a retryable timeout, not a wait for ever.
 #[tokio::test]
 async fn a_body_stalled_past_the_timeout_is_a_timeout() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !request_complete(&seen) {
-            match socket.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-        let head =
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
-        socket.write_all(head.as_bytes()).await.unwrap();
-        socket.write_all(br#"{"id":"BBB8"#).await.unwrap();
-        socket.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(socket);
-    });
-    let base = Url::parse(&format!("http://{addr}/")).unwrap();
+    let base = cut_short_server(Some(Duration::from_secs(60))).await;
     let c = client_with(base, KEY, None, Duration::from_millis(500));
     let answer = tokio::time::timeout(
         Duration::from_secs(10),

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use super::model::Customer;
+use super::model::{Customer, HISTORY_ONLY};
 
 /// Longest error message kept (bytes).
 pub const MESSAGE_MAX: usize = 1024;
@@ -317,8 +317,8 @@ fn code_name(s: &str) -> Option<String> {
 }
 
 /// Every name an error may blame: the request's fields (top level, `customer_history`, its
-/// `address`) and the path's `customer_id`.
-const FIELDS: [&str; 21] = [
+/// `address`; with [`HISTORY_ONLY`]) and the path's `customer_id`.
+const FIELDS: [&str; 15] = [
     "customer_id",
     "email",
     "phone",
@@ -334,12 +334,6 @@ const FIELDS: [&str; 21] = [
     "address",
     "customer_history",
     "metadata",
-    "account_tenure",
-    "ltv_amount",
-    "ltv_currency",
-    "loyalty_tier",
-    "account_created_at",
-    "transaction_count",
 ];
 
 /// A blamed field: a path (`customer_history.address.country`, `phone`) made of
@@ -350,7 +344,7 @@ fn field_name(s: &str) -> Option<String> {
         Some(at) => &s[..at + "metadata".len()],
         None => s,
     };
-    let known = |w: &str| FIELDS.contains(&w);
+    let known = |w: &str| FIELDS.contains(&w) || HISTORY_ONLY.contains(&w);
     let mut words = path.split(['.', '[', ']']).filter(|w| !w.is_empty());
     let ok = path.len() <= NAME_MAX
         && words.next().is_some_and(known)

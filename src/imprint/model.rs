@@ -52,14 +52,7 @@ impl UpdateCustomerRequest {
                 top.insert("country".into(), country);
             }
             // The identity fields repeat the top level's; the rest exist only here.
-            for k in [
-                "account_tenure",
-                "ltv_amount",
-                "ltv_currency",
-                "loyalty_tier",
-                "account_created_at",
-                "transaction_count",
-            ] {
+            for k in HISTORY_ONLY {
                 if let Some(v) = history.remove(k) {
                     top.insert(k.into(), v);
                 }
@@ -68,6 +61,16 @@ impl UpdateCustomerRequest {
         top
     }
 }
+
+/// The fields of `customer_history` that have no top-level twin.
+pub(crate) const HISTORY_ONLY: [&str; 6] = [
+    "account_tenure",
+    "ltv_amount",
+    "ltv_currency",
+    "loyalty_tier",
+    "account_created_at",
+    "transaction_count",
+];
 
 /// `customer_history`: what the partner knows of the customer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
