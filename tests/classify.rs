@@ -393,3 +393,74 @@ fn an_answer_about_another_customer_is_retried() {
         Outcome::Synced(200, "c1")
     );
 }
+
+/// A hostile or confused API may put the refused value where the code or the field name
+/// goes: a name, a phone number without `+`, a metadata key, the API key. Only what is a code
+/// (one case throughout) or a path of the request's field names is kept.
+#[test]
+fn a_value_where_a_name_goes_is_not_kept() {
+    let cases: [(&str, ApiError); 7] = [
+        (
+            r#"{"error":{"type":"INVALID_REQUEST_ERROR","param":"Quuxington"}}"#,
+            api_error(
+                "INVALID_REQUEST_ERROR",
+                None,
+                "HTTP 400 INVALID_REQUEST_ERROR",
+            ),
+        ),
+        (
+            r#"{"type":"Quuxington","param":"14155550123"}"#,
+            api_error("http_400", None, "HTTP 400"),
+        ),
+        (
+            r#"{"error":{"type":"sk_test_Zq8wLEAKCANARY41","param":"sk_test_Zq8wLEAKCANARY41"}}"#,
+            api_error("http_400", None, "HTTP 400"),
+        ),
+        (
+            r#"{"details":["Quuxington: is not allowed"]}"#,
+            api_error("http_400", None, "HTTP 400"),
+        ),
+        // The partner's metadata keys are the partner's: the path stops at `metadata`.
+        (
+            r#"{"error":{"type":"INVALID_REQUEST_ERROR","param":"metadata.ada_lovelace"}}"#,
+            api_error(
+                "INVALID_REQUEST_ERROR",
+                Some("metadata"),
+                "HTTP 400 INVALID_REQUEST_ERROR",
+            ),
+        ),
+        // Real names and paths are kept, in either case of code.
+        (
+            r#"{"error":{"type":"invalid_request_error","param":"customer_history.address.country"}}"#,
+            api_error(
+                "invalid_request_error",
+                Some("customer_history.address.country"),
+                "HTTP 400 invalid_request_error",
+            ),
+        ),
+        (
+            r#"{"details":["customer_history.phone: must match"]}"#,
+            api_error("http_400", Some("customer_history.phone"), "HTTP 400"),
+        ),
+    ];
+    for (body, want) in cases {
+        assert_eq!(read_error(400, body.as_bytes()), want, "body {body}");
+    }
+}
+
+/// A status with no standard meaning (a final 1xx, 600 and up, from a broken proxy) says
+/// nothing against the row: retried, never failed for good. A 4xx still fails it.
+#[test]
+fn a_status_with_no_standard_meaning_is_retried() {
+    for status in [101u16, 150, 600, 799, 999] {
+        let answer = classify(response(status, ""), CAP);
+        let code = format!("http_{status}");
+        assert_eq!(
+            outcome(&answer),
+            Outcome::Retry(Some(status), &code),
+            "status {status}"
+        );
+    }
+    let answer = classify(response(499, ""), CAP);
+    assert_eq!(outcome(&answer), Outcome::Failed(499, "http_499", None));
+}

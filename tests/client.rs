@@ -285,8 +285,9 @@ async fn a_streamed_answer_past_one_mib_is_not_read_further() {
     assert!(sent < 64 << 20, "the client read all {sent} bytes");
 }
 
-/// A server that answers 200 promising 1000 bytes, sends a few, and closes.
-async fn cut_short_server() -> Url {
+/// A server that answers 200 promising 1000 bytes, sends a few, and then closes, or with
+/// `stall`, holds the connection open that long.
+async fn cut_short_server(stall: Option<Duration>) -> Url {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -305,6 +306,9 @@ async fn cut_short_server() -> Url {
         socket.write_all(head.as_bytes()).await.unwrap();
         socket.write_all(br#"{"id":"BBB8"#).await.unwrap();
         socket.flush().await.unwrap();
+        if let Some(stall) = stall {
+            tokio::time::sleep(stall).await;
+        }
     });
     Url::parse(&format!("http://{addr}/")).unwrap()
 }
@@ -325,7 +329,7 @@ fn request_complete(seen: &[u8]) -> bool {
 
 #[tokio::test]
 async fn a_body_cut_mid_way_is_retried() {
-    let base = cut_short_server().await;
+    let base = cut_short_server(None).await;
     let answer = client(base)
         .update_customer(ID, &request("+14155552671"))
         .await;
@@ -352,4 +356,51 @@ async fn a_refused_connection_is_retried() {
         panic!("{answer:?}");
     };
     assert_eq!((status, error.code.as_str()), (None, "connection_error"));
+}
+
+/// An API (or a proxy) that echoes the request's key in its error body: the key is blotted
+/// out before the body is read, so it reaches no error code, `last_error` or log line — even
+/// a key that looks like a code.
+#[tokio::test]
+async fn a_key_echoed_by_the_api_is_blotted_out() {
+    let key = "sk_test_lowercasecanary";
+    let server = MockServer::start().await;
+    for (status, at) in [(400u16, "/v2/customers/A1"), (401, "/v2/customers/A2")] {
+        let body =
+            json!({"error": {"type": key, "param": key, "message": format!("Bearer {key}")}});
+        Mock::given(method("POST"))
+            .and(path(at))
+            .respond_with(ResponseTemplate::new(status).set_body_json(body))
+            .mount(&server)
+            .await;
+    }
+    let c = client_with(mock_url(&server), key, None, Duration::from_secs(5));
+    for id in ["A1", "A2"] {
+        let answer = c.update_customer(id, &request("+14155552671")).await;
+        let (Answer::Failed { status, error } | Answer::AuthRejected { status, error }) = &answer
+        else {
+            panic!("{answer:?}");
+        };
+        assert!((400..402).contains(status), "{answer:?}");
+        assert!(!format!("{answer:?}").contains(key), "{answer:?}");
+        assert_eq!(error.code, format!("http_{status}"));
+    }
+}
+
+/// A body that stalls mid-way, past the timeout, with the connection left open: the request
+/// timeout covers the body too, so the answer is a retryable timeout, not a wait for ever.
+#[tokio::test]
+async fn a_body_stalled_past_the_timeout_is_a_timeout() {
+    let base = cut_short_server(Some(Duration::from_secs(60))).await;
+    let c = client_with(base, KEY, None, Duration::from_millis(500));
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.update_customer(ID, &request("+14155552671")),
+    )
+    .await
+    .expect("the request timeout covers the body");
+    let Answer::Retry { status, error } = answer else {
+        panic!("{answer:?}");
+    };
+    assert_eq!((status, error.code.as_str()), (Some(200), "timeout"));
 }

@@ -492,3 +492,67 @@ async fn a_64_mb_answer_is_never_held_in_memory() {
     );
     assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
 }
+
+/// G8 against a hostile API: an error body that echoes the API key (read from a key file
+/// that ends in a newline) where the code and the field name go, and a personal value as the
+/// field, reach neither the logs (at trace, so every crate's lines count; json and pretty)
+/// nor the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_echoing_the_key_or_a_value_leaks_neither() {
+    use wiremock::matchers::{method, path_regex};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let surname = "Quuxington";
+    let body = json!({"error": {"type": API_KEY, "param": surname,
+        "message": format!("Authorization: Bearer {API_KEY}")}});
+    Mock::given(method("POST"))
+        .and(path_regex("^/v2/customers/"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(body))
+        .mount(&server)
+        .await;
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), format!("{API_KEY}\n")).unwrap();
+    let key_path = key_file.path().to_str().unwrap();
+    let api = url::Url::parse(&server.uri()).unwrap();
+    for (n, format) in ["json", "pretty"].into_iter().enumerate() {
+        let mut p = profile(&customer_id(33, n as u32), 1);
+        p["last_name"] = json!(surname);
+        let ids = insert(&db.pool, &[p]).await;
+        let mut env = env_with(
+            &db.url,
+            &api,
+            &[
+                ("LOG__FORMAT", format),
+                ("LOG__LEVEL", "trace"),
+                ("API__KEY_FILE", key_path),
+            ],
+        );
+        env.retain(|(k, _)| k != "IMPRINT_SYNC__API__KEY");
+
+        let mut run = Daemon::start(&["run", "--once"], &env);
+
+        assert_eq!(run.exit_code(60).await, 1, "{}", run.stderr());
+        let logs = format!("{}{}", run.stdout(), run.stderr());
+        assert!(logs.contains(&ids[0].to_string()), "{logs}");
+        let r = row(&db.pool, ids[0]).await;
+        assert_eq!(r.sync_status, "failed", "{r:?}");
+        let logged: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT error_code, error_message FROM imprint_sync.sync_attempts
+             WHERE outbox_id = $1",
+        )
+        .bind(ids[0])
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let stored = format!("{r:?} {logged:?}");
+        for canary in [API_KEY, surname] {
+            assert!(
+                !logs.contains(canary),
+                "{canary} in the {format} log:\n{logs}"
+            );
+            assert!(!stored.contains(canary), "{canary} stored: {stored}");
+        }
+    }
+}

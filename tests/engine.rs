@@ -819,3 +819,93 @@ async fn outcomes_outlive_a_read_only_database() {
     assert_eq!(summary.synced, 20);
     assert_eq!(sandbox.stats().requests_total, 20, "no row was sent twice");
 }
+
+/// `ssn4` and `date_of_birth` are kept out of the stored response wherever the API puts
+/// them: in another case or spelling (`SSN4`, `dateOfBirth`), or nested in an object the
+/// daemon does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensitive_fields_are_not_stored_under_another_name_or_nested() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let c = customer_id(15, 1);
+    let body = json!({
+        "id": c, "ssn4": "8841", "SSN4": "8841", "dateOfBirth": {"year": 1971},
+        "identity": {"ssn4": "8841", "date_of_birth": {"year": 1971, "month": 3, "day": 9}},
+        "kyc": [{"Date_Of_Birth": "1971-03-09"}],
+        "statuses": {"Imprint Card": "OPEN"}, "loyalty": {"tier": "GOLD"},
+    });
+    answer(
+        &server,
+        &c,
+        vec![ResponseTemplate::new(200).set_body_json(body)],
+    )
+    .await;
+    let ids = insert(&db.pool, &[profile(&c, 1)]).await;
+    run_once(&db, &Url::parse(&server.uri()).unwrap(), &[]).await;
+
+    assert_eq!(row(&db.pool, ids[0]).await.sync_status, "synced");
+    let response: Value = sqlx::query_scalar(
+        "SELECT response FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
+    )
+    .bind(&c)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let text = response.to_string();
+    assert!(
+        !text.contains("8841") && !text.contains("1971"),
+        "stored: {text}"
+    );
+    assert_eq!(
+        response["loyalty"],
+        json!({"tier": "GOLD"}),
+        "the rest is kept"
+    );
+    assert_eq!(response["statuses"], json!({"Imprint Card": "OPEN"}));
+}
+
+/// One row whose outcome the database refuses with an error a trigger raises (a partner's
+/// audit trigger: `RAISE EXCEPTION`, SQLSTATE P0001) holds back no other row's outcome: the
+/// recorder writes the others row by row, instead of waiting for ever on the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_outcome_refused_by_a_trigger_holds_back_no_other() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let poison = customer_id(16, 99);
+    let audit = format!(
+        "CREATE FUNCTION imprint_sync.audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF OLD.sync_status = 'in_flight' AND NEW.customer_id = '{poison}' THEN
+             RAISE EXCEPTION 'audit refused';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER audit BEFORE UPDATE ON imprint_sync.customer_outbox
+           FOR EACH ROW EXECUTE FUNCTION imprint_sync.audit();"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(audit))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    insert(&db.pool, &[profile(&poison, 1)]).await;
+    let engine = common::engine(&db, &sandbox.base_url(), &[]);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { engine.run(stop).await }
+    });
+    common::eventually(30, "the poison row is sent", || async {
+        !sandbox.journal(&poison).is_empty()
+    })
+    .await;
+    // Its outcome is refused now; the rows that come after must still be recorded.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    common::seed_customers(&db.pool, 16, 9).await;
+
+    common::eventually(30, "the nine other rows are synced", || async {
+        counts(&db.pool).await.get("synced") == Some(&9)
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap();
+}

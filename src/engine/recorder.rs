@@ -107,11 +107,15 @@ fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
 }
 
 /// A refusal of the data itself: SQLSTATE class 22 (data exception), 23 (integrity
-/// constraint violation) or 54 (program limit exceeded, e.g. an index row too large). Only
-/// these are worth writing the batch row by row; everything else says nothing against an
-/// outcome and is waited out.
+/// constraint violation), 54 (program limit exceeded, e.g. an index row too large), or an
+/// error a trigger on the outbox raised about this row (P0 `RAISE`, 09 triggered action,
+/// 27 triggered data change, 2F/38/39 routine exceptions, 44 check option). Only these are
+/// worth writing the batch row by row; everything else (an outage, a read-only node, a
+/// revoked grant) says nothing against an outcome and is waited out. Waiting out a refusal
+/// of one row would hold back every outcome behind it.
 fn refused(e: &sqlx::Error) -> bool {
+    const REFUSALS: [&str; 10] = ["22", "23", "54", "P0", "09", "27", "2F", "38", "39", "44"];
     e.as_database_error()
         .and_then(|d| d.code())
-        .is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class)))
+        .is_some_and(|c| REFUSALS.iter().any(|class| c.starts_with(class)))
 }

@@ -281,26 +281,34 @@ fn describe(error: &crate::imprint::error::ApiError) -> String {
 }
 
 fn observe(answer: &Answer, duration: Duration) {
-    let class =
-        match answer {
-            Answer::Synced { .. } | Answer::Accepted { .. } => "2xx",
-            Answer::Redirected { .. } => "3xx",
-            Answer::RateLimited { .. } => "429",
-            Answer::Failed { status, .. } | Answer::AuthRejected { status, .. } => {
-                if *status >= 500 { "5xx" } else { "4xx" }
-            }
-            Answer::Retry {
-                status: Some(s), ..
-            } if *s >= 500 => "5xx",
-            Answer::Retry {
-                status: Some(_), ..
-            } => "4xx",
-            Answer::Retry { error, .. } if error.code == "timeout" => "timeout",
-            Answer::Retry { .. } => "error",
-        };
-    metrics::counter!("imprint_sync_http_requests_total", "status" => class).increment(1);
+    metrics::counter!("imprint_sync_http_requests_total", "status" => class(answer)).increment(1);
     metrics::histogram!("imprint_sync_http_request_duration_seconds")
         .record(duration.as_secs_f64());
+}
+
+/// The `status` label of an answer. A body that timed out or broke after its status line is
+/// a transport failure whatever the status said (a 200 cut short is no 4xx).
+fn class(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Synced { .. } | Answer::Accepted { .. } => "2xx",
+        Answer::Redirected { .. } => "3xx",
+        Answer::RateLimited { .. } => "429",
+        Answer::Retry { error, .. } if error.code == "timeout" => "timeout",
+        Answer::Retry {
+            status: Some(s), ..
+        } if *s >= 500 => "5xx",
+        Answer::Retry {
+            status: Some(s), ..
+        } if *s >= 400 => "4xx",
+        Answer::Retry { .. } => "error",
+        Answer::Failed { status, .. } | Answer::AuthRejected { status, .. } => {
+            if *status >= 500 {
+                "5xx"
+            } else {
+                "4xx"
+            }
+        }
+    }
 }
 
 fn release(row: &OutboxRow, attempts: Vec<AttemptLog>) -> Record {
@@ -324,5 +332,31 @@ fn record(
         error_code,
         error,
         attempts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imprint::error::ApiError;
+
+    /// A 200 whose body timed out or broke is counted as what it was, not as a 4xx.
+    #[test]
+    fn a_2xx_cut_short_is_counted_as_a_transport_failure() {
+        let retry = |status, code: &str| Answer::Retry {
+            status,
+            error: ApiError::new(code, "x"),
+        };
+        let table = [
+            (retry(Some(200), "timeout"), "timeout"),
+            (retry(Some(200), "connection_broken"), "error"),
+            (retry(Some(503), "http_503"), "5xx"),
+            (retry(Some(409), "CONFLICT_ERROR"), "4xx"),
+            (retry(Some(101), "http_101"), "error"),
+            (retry(None, "connection_error"), "error"),
+        ];
+        for (answer, want) in table {
+            assert_eq!(class(&answer), want, "{answer:?}");
+        }
     }
 }

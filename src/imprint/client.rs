@@ -18,6 +18,8 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     max_retry_after: Duration,
+    /// Kept to blot it out of answers that echo it (see [`without_key`]).
+    key: SecretString,
 }
 
 impl std::fmt::Debug for Client {
@@ -94,6 +96,7 @@ impl Client {
             http,
             base,
             max_retry_after,
+            key: key.clone(),
         })
     }
 
@@ -145,7 +148,9 @@ impl Client {
                     .get(header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                let body = read_body(&mut resp).await;
+                let body = read_body(&mut resp)
+                    .await
+                    .map(|b| without_key(b, self.key.expose_secret().as_bytes()));
                 Exchange::Response {
                     status,
                     retry_after,
@@ -175,6 +180,24 @@ async fn read_body(resp: &mut reqwest::Response) -> Result<Vec<u8>, TransportErr
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// The body with every copy of the API key blotted out: an API (or a proxy) that echoes the
+/// request's `Authorization` in its error could otherwise put the key into an error code,
+/// `last_error` or a log line.
+fn without_key(body: Vec<u8>, key: &[u8]) -> Vec<u8> {
+    if key.is_empty() || !body.windows(key.len()).any(|w| w == key) {
+        return body;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body.as_slice();
+    while let Some(at) = rest.windows(key.len()).position(|w| w == key) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(b"[redacted]");
+        rest = &rest[at + key.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 fn transport_error(e: reqwest::Error) -> TransportError {

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use super::model::Customer;
+use super::model::{Customer, HISTORY_ONLY};
 
 /// Longest error message kept (bytes).
 pub const MESSAGE_MAX: usize = 1024;
@@ -175,12 +175,14 @@ pub fn classify(exchange: Exchange, max_retry_after: Duration) -> Answer {
             }
             Answer::Failed { status, error }
         }
-        408 | 409 | 425 | 500..=599 => Answer::Retry {
-            status: Some(status),
+        400..=499 if !matches!(status, 408 | 409 | 425) => Answer::Failed {
+            status,
             error: read_error(status, &body),
         },
-        _ => Answer::Failed {
-            status,
+        // 408/409/425, 5xx, and statuses with no standard meaning (a final 1xx, 6xx and up,
+        // from a broken proxy): nothing says the row is wrong, so it must not fail for good.
+        _ => Answer::Retry {
+            status: Some(status),
             error: read_error(status, &body),
         },
     }
@@ -276,14 +278,19 @@ pub fn read_error(status: u16, body: &[u8]) -> ApiError {
 
 /// The error code and the blamed field of a JSON error body, where they look like names.
 fn error_names(v: &Value) -> (Option<String>, Option<String>) {
-    let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).and_then(name);
+    fn str_of<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
+        v.get(k).and_then(Value::as_str)
+    }
     let shaped = match v.get("error") {
         Some(inner @ Value::Object(_)) => Some(inner),
         _ if v.get("type").is_some() => Some(v),
         _ => None,
     };
     if let Some(e) = shaped {
-        return (str_of(e, "type"), str_of(e, "param"));
+        return (
+            str_of(e, "type").and_then(code_name),
+            str_of(e, "param").and_then(field_name),
+        );
     }
     // Spring style: `details` are `field: message` lines; the field is all that is kept.
     let param = v
@@ -291,17 +298,58 @@ fn error_names(v: &Value) -> (Option<String>, Option<String>) {
         .and_then(Value::as_array)
         .and_then(|d| d.iter().find_map(Value::as_str))
         .and_then(|d| d.split_once(':'))
-        .and_then(|(field, _)| name(field.trim()));
+        .and_then(|(field, _)| field_name(field.trim()));
     (None, param)
 }
 
-/// A code or field name: `[A-Za-z0-9_.\[\]-]`, at most 64 bytes; anything else is not kept.
-fn name(s: &str) -> Option<String> {
-    let ok = !s.is_empty()
-        && s.len() <= NAME_MAX
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'[' | b']'));
+/// An error code: a letter, then letters, digits and `_`, all of one case
+/// (`INVALID_REQUEST_ERROR`, `invalid_request_error`), at most 64 bytes. A hostile or confused
+/// API may put a value where the code goes; one case throughout keeps out a name (`Ada`) or a
+/// key (`sk_live_Zq8w…`), and digits cannot lead, so a phone number is kept out too.
+fn code_name(s: &str) -> Option<String> {
+    let upper = s.bytes().all(|b| !b.is_ascii_lowercase());
+    let lower = s.bytes().all(|b| !b.is_ascii_uppercase());
+    let ok = s.len() <= NAME_MAX
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && (upper || lower);
     ok.then(|| s.to_owned())
+}
+
+/// Every name an error may blame: the request's fields (top level, `customer_history`, its
+/// `address`; with [`HISTORY_ONLY`]) and the path's `customer_id`.
+const FIELDS: [&str; 15] = [
+    "customer_id",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "preferred_language",
+    "street_line1",
+    "street_line2",
+    "city",
+    "state",
+    "postal_code",
+    "country",
+    "address",
+    "customer_history",
+    "metadata",
+];
+
+/// A blamed field: a path (`customer_history.address.country`, `phone`) made of
+/// the request's field names, cut after `metadata` (whose keys are the partner's). Anything
+/// else may be the refused value itself (`Quuxington`, `14155550123`) and is not kept.
+fn field_name(s: &str) -> Option<String> {
+    let path = match s.find("metadata") {
+        Some(at) => &s[..at + "metadata".len()],
+        None => s,
+    };
+    let known = |w: &str| FIELDS.contains(&w) || HISTORY_ONLY.contains(&w);
+    let mut words = path.split(['.', '[', ']']).filter(|w| !w.is_empty());
+    let ok = path.len() <= NAME_MAX
+        && words.next().is_some_and(known)
+        && words.all(|w| known(w) || w.bytes().all(|b| b.is_ascii_digit()));
+    ok.then(|| path.to_owned())
 }
 
 /// `Retry-After` in either form: delta-seconds or an HTTP date.

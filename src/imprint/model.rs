@@ -52,14 +52,7 @@ impl UpdateCustomerRequest {
                 top.insert("country".into(), country);
             }
             // The identity fields repeat the top level's; the rest exist only here.
-            for k in [
-                "account_tenure",
-                "ltv_amount",
-                "ltv_currency",
-                "loyalty_tier",
-                "account_created_at",
-                "transaction_count",
-            ] {
+            for k in HISTORY_ONLY {
                 if let Some(v) = history.remove(k) {
                     top.insert(k.into(), v);
                 }
@@ -68,6 +61,16 @@ impl UpdateCustomerRequest {
         top
     }
 }
+
+/// The fields of `customer_history` that have no top-level twin.
+pub(crate) const HISTORY_ONLY: [&str; 6] = [
+    "account_tenure",
+    "ltv_amount",
+    "ltv_currency",
+    "loyalty_tier",
+    "account_created_at",
+    "transaction_count",
+];
 
 /// `customer_history`: what the partner knows of the customer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -180,13 +183,18 @@ impl Customer {
     }
 
     /// The object as stored in `customer_sync_state.response` (JSON text), without `ssn4`
-    /// and `date_of_birth` unless `keep_sensitive`.
+    /// and `date_of_birth` unless `keep_sensitive`: wherever they are, in whatever case or
+    /// spelling (`SSN4`, `dateOfBirth`, nested in an object this version does not know), so
+    /// a change of the API's shape cannot slip them into the database.
     pub fn into_stored(mut self: Box<Self>, keep_sensitive: bool) -> String {
-        if !keep_sensitive {
-            self.ssn4 = None;
-            self.date_of_birth = None;
+        if keep_sensitive {
+            return json_text(&self);
         }
-        json_text(&self)
+        self.ssn4 = None;
+        self.date_of_birth = None;
+        let mut v = serde_json::to_value(&*self).unwrap_or(Value::Null);
+        strip_sensitive(&mut v);
+        json_text(&v)
     }
 
     /// The fields whose returned value differs from what was sent, as
@@ -255,6 +263,25 @@ pub fn json_text<T: Serialize + ?Sized>(v: &T) -> String {
             v.to_string()
         }
         Err(_) => text,
+    }
+}
+
+/// Removes every key that names `ssn4` or `date_of_birth` (ignoring case, `_` and `-`).
+fn strip_sensitive(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|k, _| {
+                let k: String = k
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect();
+                !matches!(k.as_str(), "ssn4" | "dateofbirth")
+            });
+            m.values_mut().for_each(strip_sensitive);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_sensitive),
+        _ => {}
     }
 }
 

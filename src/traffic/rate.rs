@@ -14,10 +14,9 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
-/// Lowest share of the target rate AIMD may fall to: low enough to settle under an API limit
-/// a thousand times below the configured rate.
-const FLOOR: f64 = 0.001;
-/// Lowest rate AIMD may fall to (requests per second), whatever the target.
+/// Lowest rate AIMD may fall to (requests per second), whatever the target. A floor as a
+/// share of the target instead would, with a configured rate far above the API's limit (1e6
+/// against 100/s), stay above the limit for good and meet a 429 every pause.
 const FLOOR_RATE: f64 = 1.0;
 /// Multiplicative decrease on a 429.
 const DECREASE: f64 = 0.5;
@@ -56,7 +55,7 @@ pub struct AdaptiveRate {
 #[derive(Debug)]
 struct State {
     replicas: u32,
-    /// Share of the target now in force (AIMD), in `[FLOOR, 1]`.
+    /// Share of the target now in force (AIMD), in `[floor, 1]`.
     factor: f64,
     limiter: Arc<Limiter>,
     clock: TokioClock,
@@ -186,10 +185,10 @@ impl AdaptiveRate {
         }
     }
 
-    /// The lowest share of the target: [`FLOOR`], but never under [`FLOOR_RATE`].
+    /// The lowest share of the target: [`FLOOR_RATE`], or the whole target if below it.
     fn floor(&self, replicas: u32) -> f64 {
         let target = self.configured / f64::from(replicas.max(1));
-        (FLOOR_RATE / target).clamp(FLOOR, 1.0)
+        (FLOOR_RATE / target).min(1.0)
     }
 
     /// A request went through: win the rate back, a step per second, relative to the rate in
@@ -359,8 +358,30 @@ mod tests {
     /// settles under the limit and probes over it rarely, not every few seconds.
     #[tokio::test(start_paused = true)]
     async fn far_above_the_apis_limit_the_rate_settles() {
+        settles_under_the_limit(5_000.0).await;
+    }
+
+    /// The bounds of the configured rate: 1e6 per second (ten thousand times the API's limit)
+    /// settles as well, and 1 per second is never lowered under 1 per second.
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_of_a_million_settles_and_a_rate_of_one_stays() {
+        settles_under_the_limit(1e6).await;
+        let one = AdaptiveRate::new(1.0, 1);
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_millis(1_100)).await;
+            one.on_rate_limited(Duration::from_secs(1));
+        }
+        assert!(approx(one.effective(), 1.0), "{}", one.effective());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            one.until_ready(Instant::now() + Duration::from_secs(2))
+                .await
+        );
+    }
+
+    async fn settles_under_the_limit(configured: f64) {
         const LIMIT: f64 = 100.0;
-        let rate = AdaptiveRate::new(5_000.0, 10);
+        let rate = AdaptiveRate::new(configured, 10);
         let start = Instant::now();
         let mut limited_at = Vec::new();
         // Every 100 ms the sender learns one answer: 429 while it sends faster than the API
@@ -379,7 +400,7 @@ mod tests {
         }
         let late: Vec<u64> = limited_at.iter().copied().filter(|t| *t >= 120).collect();
         eprintln!(
-            "5000/s against a 100/s limit: 429s at {limited_at:?} s, ending at {:.1}/s",
+            "{configured}/s against a 100/s limit: 429s at {limited_at:?} s, ending at {:.1}/s",
             rate.effective()
         );
         assert!(late.len() <= 6, "429s at {limited_at:?} s");
