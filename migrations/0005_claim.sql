@@ -20,3 +20,18 @@ CREATE TABLE imprint_sync.customer_claims (
     marks        jsonb NOT NULL DEFAULT '{}'::jsonb,
     hold_until   timestamptz
 );
+
+-- Claim look-ups by customer must land on the customer indexes whatever the statistics say.
+-- Without statistics (or with stale ones, right after a bulk import) every partial index on
+-- `sync_status = 'pending'` looks empty, and the planner may scan the due index whole for a
+-- look-up by customer. A second predicate that only the due scan states (a strict comparison
+-- on next_attempt_at implies it) keeps the due index out of every other plan; likewise for
+-- the lease index (the rescue compares lease_expires_at).
+DROP INDEX imprint_sync.customer_outbox_due_idx;
+CREATE INDEX customer_outbox_due_idx
+    ON imprint_sync.customer_outbox (next_attempt_at, id)
+    WHERE sync_status = 'pending' AND next_attempt_at IS NOT NULL;
+DROP INDEX imprint_sync.customer_outbox_in_flight_lease_idx;
+CREATE INDEX customer_outbox_in_flight_lease_idx
+    ON imprint_sync.customer_outbox (lease_expires_at)
+    WHERE sync_status = 'in_flight' AND lease_expires_at IS NOT NULL;

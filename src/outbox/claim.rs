@@ -103,8 +103,8 @@ const TIME_RANGE: &str =
 const LOCK_NAMESPACE: i32 = 0x1A5C_0001;
 /// How long a row of a customer with a row in flight waits before it is looked at again.
 const BUSY_DEFER_MS: i64 = 1_000;
-/// Pages of the due index scanned per claim, each of twice the limit.
-const SCAN_PAGES: usize = 4;
+/// Pages of the due index scanned per claim, each of `limit` rows.
+const SCAN_PAGES: usize = 8;
 
 /// The bounded read of `o`'s profile columns. With `only_if`, a column is returned only where
 /// `p.<column>_from` says the merge keeps it (the carrier's stale columns stay unsent).
@@ -160,27 +160,31 @@ ORDER BY next_attempt_at, id
 LIMIT $3";
 
 /// Statement 2: per candidate customer, in order: the claim lock, a row in flight, a quiet
-/// period, a suspect row (claimed before and never written back).
+/// period, a suspect carrier (claimed before and never written back). `LIMIT 1` sub-selects,
+/// not `EXISTS`: the planner may turn an `EXISTS` into a hashed scan of every pending row.
 const GATE_SQL: &str = "
 SELECT c.customer_id,
        pg_try_advisory_xact_lock($2, hashtext(c.customer_id)) AS locked,
-       EXISTS (SELECT 1 FROM imprint_sync.customer_outbox f
-                WHERE f.customer_id = c.customer_id AND f.sync_status = 'in_flight') AS busy,
+       (SELECT true FROM imprint_sync.customer_outbox f
+         WHERE f.customer_id = c.customer_id AND f.sync_status = 'in_flight'
+         LIMIT 1) IS NOT NULL AS busy,
        (SELECT s.hold_until FROM imprint_sync.customer_claims s
          WHERE s.customer_id = c.customer_id AND s.hold_until > now()) AS held_until,
-       EXISTS (SELECT 1 FROM imprint_sync.customer_outbox p
-                WHERE p.customer_id = c.customer_id AND p.sync_status = 'pending'
-                  AND p.claims > 0) AS suspect
+       COALESCE((SELECT p.claims FROM imprint_sync.customer_outbox p
+                  WHERE p.customer_id = c.customer_id AND p.sync_status = 'pending'
+                  ORDER BY p.id DESC LIMIT 1) > 0, false) AS suspect
 FROM unnest($1::text[]) WITH ORDINALITY AS c(customer_id, n)
 ORDER BY c.n";
 
 /// Statement 3: rows of waiting customers come due again later (at the end of the quiet
-/// period, or shortly for a customer with a row in flight).
+/// period, or shortly for a customer with a row in flight). No status test: the rows were
+/// pending a moment ago and their customers' claim locks are ours; and a status in the
+/// WHERE would let the planner scan a partial index whole instead of probing the key.
 const DEFER_SQL: &str = "
 UPDATE imprint_sync.customer_outbox o
 SET next_attempt_at = COALESCE(d.until, now() + $3 * interval '1 millisecond')
 FROM unnest($1::bigint[], $2::timestamptz[]) AS d(id, until)
-WHERE o.id = d.id AND o.id = ANY($1) AND o.sync_status = 'pending'";
+WHERE o.id = d.id";
 
 /// Rows whose customer id is too long to read fail at once (the mapping would refuse it).
 const BAD_ID_SQL: &str = "
@@ -199,17 +203,18 @@ fn merge_sql() -> &'static str {
             cols.iter().map(|c| f(c)).collect::<Vec<_>>().join(sep)
         };
         // A row's value of a column counts when set and not below the customer's mark.
-        let eligible =
-            |c: &str| format!("r.{c} IS NOT NULL AND r.id >= COALESCE((r.marks->>'{c}')::bigint, 0)");
+        let eligible = |c: &str| {
+            format!("r.{c} IS NOT NULL AND r.id >= COALESCE((k.marks->>'{c}')::bigint, 0)")
+        };
         let aggregates = list(
             &|c| {
                 format!(
                     "(array_agg(r.{c} ORDER BY r.id DESC) FILTER (WHERE {e}))[1] AS {c},
-           (array_agg(r.id ORDER BY r.id DESC) FILTER (WHERE {e}))[1] AS {c}_from",
+               (array_agg(r.id ORDER BY r.id DESC) FILTER (WHERE {e}))[1] AS {c}_from",
                     e = eligible(c)
                 )
             },
-            ",\n           ",
+            ",\n               ",
         );
         let anything = list(&|c| format!("m.{c}_from IS NOT NULL"), " OR ");
         let fill = list(
@@ -220,21 +225,30 @@ fn merge_sql() -> &'static str {
         let returned = bounded_columns(true);
         format!(
             r#"
-WITH r AS MATERIALIZED (
-    SELECT o.id, o.customer_id, o.claims, o.next_attempt_at <= now() AS due, {plain},
-           COALESCE((SELECT s.marks FROM imprint_sync.customer_claims s
-                      WHERE s.customer_id = o.customer_id), '{{}}'::jsonb) AS marks
-    FROM imprint_sync.customer_outbox o
-    WHERE o.customer_id = ANY($1) AND o.sync_status = 'pending'
-    FOR UPDATE OF o SKIP LOCKED
-),
-m AS MATERIALIZED (
-    SELECT r.customer_id, max(r.id) AS carrier, array_agg(r.id) AS ids,
-           (array_agg(r.due ORDER BY r.id DESC))[1] AS due,
-           (array_agg(r.claims ORDER BY r.id DESC))[1] AS claims,
-           (array_agg(r.marks))[1] AS marks,
-           {aggregates}
-    FROM r GROUP BY r.customer_id
+-- Per customer (one index look-up each): its marks, then its pending rows, locked (a row
+-- someone else holds locked is left for a later claim: the marks keep it from overtaking),
+-- folded into the merged profile.
+WITH m AS MATERIALIZED (
+    SELECT c.customer_id, k.marks, x.*
+    FROM unnest($1::text[]) AS c(customer_id)
+    CROSS JOIN LATERAL (
+        SELECT COALESCE((SELECT s.marks FROM imprint_sync.customer_claims s
+                          WHERE s.customer_id = c.customer_id), '{{}}'::jsonb) AS marks
+    ) k
+    CROSS JOIN LATERAL (
+        SELECT max(r.id) AS carrier,
+               (array_agg(r.id ORDER BY r.id DESC))[2:] AS older_ids,
+               (array_agg(r.due ORDER BY r.id DESC))[1] AS due,
+               (array_agg(r.claims ORDER BY r.id DESC))[1] AS claims,
+               {aggregates}
+        FROM (
+            SELECT o.id, o.claims, o.next_attempt_at <= now() AS due, {plain}
+            FROM imprint_sync.customer_outbox o
+            WHERE o.customer_id = c.customer_id AND o.sync_status = 'pending'
+            ORDER BY o.id
+            FOR UPDATE SKIP LOCKED
+        ) r
+    ) x
 ),
 -- What becomes of each carrier: nothing left to send (every column it and the older rows set
 -- is below its mark) → superseded by the newest claimed row; not due yet → stays pending
@@ -244,24 +258,27 @@ p AS MATERIALIZED (
            CASE WHEN NOT ({anything}) THEN 'superseded'
                 WHEN NOT m.due THEN 'pending'
                 WHEN m.claims >= $4 THEN 'poison'
-                ELSE 'claim' END AS fate,
-           (SELECT max(v::bigint) FROM jsonb_each_text(m.marks) AS e(k, v)) AS newest_mark
-    FROM m
+                ELSE 'claim' END AS fate
+    FROM m WHERE m.carrier IS NOT NULL
+),
+q AS MATERIALIZED (
+    SELECT p.*,
+           CASE WHEN p.fate = 'superseded'
+                THEN (SELECT max(v::bigint) FROM jsonb_each_text(p.marks) AS e(k, v)) END
+               AS newest_mark
+    FROM p
 ),
 older AS (
     UPDATE imprint_sync.customer_outbox o
-    SET sync_status = 'superseded', superseded_by = x.by, updated_at = now()
-    FROM (SELECT unnest(p.ids) AS id, p.carrier,
-                 CASE WHEN p.fate = 'superseded' THEN p.newest_mark ELSE p.carrier END AS by
-          FROM p) x
-    WHERE o.id = x.id AND x.id <> x.carrier
-      AND o.id = ANY(ARRAY(SELECT unnest(ids) FROM p))
-    RETURNING o.id
+    SET sync_status = 'superseded', updated_at = now(),
+        superseded_by = CASE WHEN q.fate = 'superseded' THEN q.newest_mark ELSE q.carrier END
+    FROM q
+    WHERE o.id = ANY(q.older_ids)
 ),
 marked AS (
     INSERT INTO imprint_sync.customer_claims AS s (customer_id, marks)
     SELECT p.customer_id, jsonb_strip_nulls(jsonb_build_object({marks}))
-    FROM p WHERE p.fate = 'claim'
+    FROM q AS p WHERE p.fate = 'claim'
     ON CONFLICT (customer_id) DO UPDATE SET marks = s.marks || EXCLUDED.marks
 ),
 carried AS (
@@ -279,12 +296,12 @@ carried AS (
             THEN format('outbox row %s: claimed %s times without an outcome (the process died or lost the lease while working it); set aside', o.id, o.claims)
             ELSE o.last_error END,
         updated_at = now()
-    FROM p
-    WHERE o.id = p.carrier AND o.id = ANY(ARRAY(SELECT carrier FROM p))
+    FROM q AS p
+    WHERE o.id = p.carrier
     RETURNING o.sync_status, {returned},
               extract(epoch FROM o.lease_expires_at - clock_timestamp())::float8 AS lease_left
 )
-SELECT (SELECT count(*) FROM older) AS older, c.* FROM carried c
+SELECT (SELECT sum(cardinality(older_ids)) FROM q)::int8 AS older, c.* FROM carried c
 "#,
             plain = list(&|c| format!("o.{c}"), ", "),
         )
@@ -368,25 +385,30 @@ pub(super) async fn claim(
     let limit_n = limit as usize;
     let mut claim = Claim::default();
 
-    // 1. Scan: candidate customers in due order, until `limit` distinct ones.
-    let mut candidates: Vec<Candidate> = Vec::new();
-    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // 1. Scan due rows a page at a time; 2. gate each page's new customers; until the batch
+    // is full. Customers that wait do not use up the batch.
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut take: Vec<String> = Vec::new();
     let mut bad_ids: Vec<i64> = Vec::new();
+    let (mut defer_ids, mut defer_until) = (Vec::new(), Vec::new());
     let mut after: (String, i64) = ("-infinity".to_owned(), 0);
-    for _ in 0..SCAN_PAGES {
-        let page = i64::from(limit) * 2;
+    'pages: for _ in 0..SCAN_PAGES {
+        let page = i64::from(limit);
         let rows = tx
             .fetch(SCAN_SQL, |q| q.bind(after.0.clone()).bind(after.1).bind(page))
             .await?;
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for r in &rows {
             let id: i64 = r.try_get("id")?;
             after = (r.try_get("position")?, id);
             match r.try_get::<Option<String>, _>("customer_id")? {
                 None => bad_ids.push(id),
-                Some(c) => match seen.get(&c) {
+                Some(c) => match index.get(&c) {
                     Some(&k) => candidates[k].rows.push(id),
-                    None if candidates.len() < limit_n => {
-                        seen.insert(c.clone(), candidates.len());
+                    None if !seen.contains(&c) => {
+                        seen.insert(c.clone());
+                        index.insert(c.clone(), candidates.len());
                         candidates.push(Candidate {
                             customer_id: c,
                             rows: vec![id],
@@ -396,7 +418,41 @@ pub(super) async fn claim(
                 },
             }
         }
-        if (rows.len() as i64) < page || candidates.len() >= limit_n {
+        let customers: Vec<String> = candidates.iter().map(|c| c.customer_id.clone()).collect();
+        if !customers.is_empty() {
+            let gate = tx
+                .fetch(GATE_SQL, move |q| q.bind(customers.clone()).bind(LOCK_NAMESPACE))
+                .await?;
+            for (g, cand) in gate.iter().zip(candidates) {
+                if take.len() >= limit_n {
+                    break 'pages;
+                }
+                if !g.try_get::<bool, _>("locked")? {
+                    continue; // another claimer has this customer right now
+                }
+                let held: Option<DateTime<Utc>> = g.try_get("held_until")?;
+                if held.is_some() || g.try_get::<bool, _>("busy")? {
+                    for id in cand.rows {
+                        defer_ids.push(id);
+                        defer_until.push(held);
+                    }
+                    continue;
+                }
+                if g.try_get::<bool, _>("suspect")? {
+                    // A row claimed before whose outcome never came back may be what killed
+                    // that process: it goes alone, and only when this process holds nothing
+                    // else, so its next death counts against it and no other row.
+                    if take.is_empty() && suspects_ok {
+                        take.push(cand.customer_id);
+                        claim.more = true;
+                        break 'pages;
+                    }
+                    continue;
+                }
+                take.push(cand.customer_id);
+            }
+        }
+        if (rows.len() as i64) < page || take.len() >= limit_n {
             break;
         }
     }
@@ -407,43 +463,6 @@ pub(super) async fn claim(
         })
         .await?;
         claim.failed = bad_ids.into_iter().map(|id| (id, String::new())).collect();
-    }
-
-    // 2. Gate.
-    let customers: Vec<String> = candidates.iter().map(|c| c.customer_id.clone()).collect();
-    let gate = if customers.is_empty() {
-        Vec::new()
-    } else {
-        let list = customers.clone();
-        tx.fetch(GATE_SQL, move |q| q.bind(list.clone()).bind(LOCK_NAMESPACE))
-            .await?
-    };
-    let mut take: Vec<String> = Vec::new();
-    let (mut defer_ids, mut defer_until) = (Vec::new(), Vec::new());
-    for (g, cand) in gate.iter().zip(&candidates) {
-        if !g.try_get::<bool, _>("locked")? {
-            continue; // another claimer has this customer right now
-        }
-        let held: Option<DateTime<Utc>> = g.try_get("held_until")?;
-        if held.is_some() || g.try_get::<bool, _>("busy")? {
-            for id in &cand.rows {
-                defer_ids.push(*id);
-                defer_until.push(held);
-            }
-            continue;
-        }
-        if g.try_get::<bool, _>("suspect")? {
-            // A row claimed before whose outcome never came back may be what killed that
-            // process: it goes alone, and only when this process holds nothing else, so its
-            // next death counts against it and no other row.
-            if take.is_empty() && suspects_ok {
-                take.push(cand.customer_id.clone());
-                claim.more = true;
-                break;
-            }
-            continue;
-        }
-        take.push(cand.customer_id.clone());
     }
 
     // 3. Defer the rows of customers that wait.

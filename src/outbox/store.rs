@@ -375,7 +375,9 @@ impl Store {
             "SELECT
                (SELECT count(*) FROM imprint_sync.customer_outbox WHERE sync_status = 'in_flight') AS in_flight,
                (SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
-                  FROM imprint_sync.customer_outbox WHERE sync_status = 'pending') AS next_due_in",
+                  FROM imprint_sync.customer_outbox
+                  -- (IS NOT NULL: the due index's predicate; min() skips NULLs anyway)
+                  WHERE sync_status = 'pending' AND next_attempt_at IS NOT NULL) AS next_due_in",
         )
         .fetch_one(&self.pool)
         .await?;
