@@ -378,7 +378,11 @@ async fn claimer(
             } else {
                 "-"
             };
-            tracing::warn!(outbox_id = id, customer_id, "row set aside by the claim (poison_row or an unusable customer id); marked failed");
+            tracing::warn!(
+                outbox_id = id,
+                customer_id,
+                "row set aside by the claim (poison_row or an unusable customer id); marked failed"
+            );
         }
         if claim.superseded > 0 {
             shared

@@ -122,7 +122,10 @@ fn bounded_columns(only_if: bool) -> String {
                 format!("CASE WHEN {keep}octet_length(o.{c}) <= {max} THEN o.{c} END"),
                 format!("{keep}octet_length(o.{c}) > {max}"),
             ),
-            Kind::Int => (format!("CASE WHEN {keep}true THEN o.{c} END"), String::new()),
+            Kind::Int => (
+                format!("CASE WHEN {keep}true THEN o.{c} END"),
+                String::new(),
+            ),
             Kind::Time => (
                 format!("CASE WHEN {keep}o.{c} {TIME_RANGE} THEN o.{c} END"),
                 format!("{keep}NOT (o.{c} {TIME_RANGE})"),
@@ -337,9 +340,15 @@ struct Tx {
 type Query = sqlx::query::Query<'static, Postgres, PgArguments>;
 
 impl Tx {
-    async fn fetch(&mut self, sql: &'static str, bind: impl Fn(Query) -> Query) -> sqlx::Result<Vec<PgRow>> {
+    async fn fetch(
+        &mut self,
+        sql: &'static str,
+        bind: impl Fn(Query) -> Query,
+    ) -> sqlx::Result<Vec<PgRow>> {
         if let Some(work) = self.work.as_mut() {
-            sqlx::raw_sql("SAVEPOINT explain").execute(&mut *self.tx).await?;
+            sqlx::raw_sql("SAVEPOINT explain")
+                .execute(&mut *self.tx)
+                .await?;
             let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}");
             let plan: Value = bind(sqlx::query(sqlx::AssertSqlSafe(explain)))
                 .fetch_one(&mut *self.tx)
@@ -395,7 +404,9 @@ pub(super) async fn claim(
     'pages: for _ in 0..SCAN_PAGES {
         let page = i64::from(limit);
         let rows = tx
-            .fetch(SCAN_SQL, |q| q.bind(after.0.clone()).bind(after.1).bind(page))
+            .fetch(SCAN_SQL, |q| {
+                q.bind(after.0.clone()).bind(after.1).bind(page)
+            })
             .await?;
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
@@ -421,7 +432,9 @@ pub(super) async fn claim(
         let customers: Vec<String> = candidates.iter().map(|c| c.customer_id.clone()).collect();
         if !customers.is_empty() {
             let gate = tx
-                .fetch(GATE_SQL, move |q| q.bind(customers.clone()).bind(LOCK_NAMESPACE))
+                .fetch(GATE_SQL, move |q| {
+                    q.bind(customers.clone()).bind(LOCK_NAMESPACE)
+                })
                 .await?;
             for (g, cand) in gate.iter().zip(candidates) {
                 if take.len() >= limit_n {

@@ -277,7 +277,10 @@ impl Store {
             };
             ids.push(r.id);
             claims.push(r.claim);
-            holds.push(r.hold.map(|h| i64::try_from(h.as_millis()).unwrap_or(i64::MAX)));
+            holds.push(
+                r.hold
+                    .map(|h| i64::try_from(h.as_millis()).unwrap_or(i64::MAX)),
+            );
             statuses.push(status);
             attempt_inc.push(inc);
             delay_ms.push(delay);
