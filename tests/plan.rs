@@ -77,13 +77,20 @@ async fn claim_work_is_bounded_when_customers_have_many_pending_versions() {
     let _serial = SERIAL.lock().await;
     let db = TestDb::new().await;
     // Versions arrive over time: every customer's first change, then every second one, ...
+    // Each sets five columns, and each customer was synced before (its marks are set), so
+    // every column's merge consults them.
     sql(
         &db,
-        "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
-         SELECT c.id, 'v' || v
+        "INSERT INTO imprint_sync.customer_outbox
+             (customer_id, email, phone, first_name, last_name, city)
+         SELECT c.id, 'v' || v, 'p' || v, 'f' || v, 'l' || v, 'c' || v
          FROM (SELECT upper(gen_random_uuid()::text) AS id FROM generate_series(1, 20000)) c,
               generate_series(1, 5) v
-         ORDER BY v",
+         ORDER BY v;
+         INSERT INTO imprint_sync.customer_claims (customer_id, marks)
+         SELECT DISTINCT customer_id,
+                '{\"email\": 1, \"phone\": 1, \"first_name\": 1, \"last_name\": 1, \"city\": 1}'::jsonb
+         FROM imprint_sync.customer_outbox;",
     )
     .await;
     measured_claim(&db, "20,000 customers x 5 pending versions").await;

@@ -234,9 +234,12 @@ fn merge_sql() -> &'static str {
 WITH m AS MATERIALIZED (
     SELECT c.customer_id, k.marks, x.*
     FROM unnest($1::text[]) AS c(customer_id)
+    -- OFFSET 0 keeps this look-up one per customer: pulled up, it would be repeated in
+    -- every column's filter below.
     CROSS JOIN LATERAL (
         SELECT COALESCE((SELECT s.marks FROM imprint_sync.customer_claims s
                           WHERE s.customer_id = c.customer_id), '{{}}'::jsonb) AS marks
+        OFFSET 0
     ) k
     CROSS JOIN LATERAL (
         SELECT max(r.id) AS carrier,
