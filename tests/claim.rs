@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{Daemon, TestDb, counts, customer_id, env_with, insert, row, run_once, sandbox};
-use imprint_sync::outbox::store::{Disposition, Record, Store};
+use imprint_sync::outbox::store::Store;
 use imprint_sync::sandbox::Faults;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -194,20 +194,6 @@ async fn partial_updates_merge_per_column() {
     assert_eq!(row(&db.pool, ids[1]).await.sync_status, "synced");
 }
 
-fn failed(id: i64, customer: &str, claim: Option<chrono::DateTime<chrono::Utc>>) -> Record {
-    Record {
-        id,
-        customer_id: customer.to_owned(),
-        disposition: Disposition::Failed { counts: true },
-        http_status: Some(400),
-        error_code: Some("INVALID_REQUEST_ERROR".into()),
-        error: Some("email: refused".into()),
-        claim,
-        hold: None,
-        attempts: vec![],
-    }
-}
-
 /// §4, the deterministic reproduction: another session holds row 1 locked; the claim takes
 /// row 2; row 2 fails; once row 1 is free, it must not be sent after row 2 (each of its
 /// columns is older than a value already sent).
@@ -238,7 +224,7 @@ async fn a_locked_older_row_is_never_sent_after_a_newer_one() {
     assert_eq!(first.rows[0].id, ids[1]);
     assert_eq!(row(&db.pool, ids[0]).await.sync_status, "pending");
     store
-        .record(&[failed(ids[1], &c, first.rows[0].lease_expires_at)])
+        .record(&[common::refused(ids[1], &c, first.rows[0].lease_expires_at)])
         .await
         .unwrap();
     sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();

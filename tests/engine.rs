@@ -533,7 +533,7 @@ async fn nul_bytes_in_answers_never_stop_the_write_back() {
 /// again (even by the same worker), the old outcome is not written onto the new claim.
 #[tokio::test]
 async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
-    use imprint_sync::outbox::store::{Disposition, Record, Store};
+    use imprint_sync::outbox::store::Store;
     let db = TestDb::new().await;
     let ids = insert(&db.pool, &[profile(&customer_id(12, 1), 1)]).await;
     let store = Store::new(db.pool.clone(), "worker-a");
@@ -554,19 +554,12 @@ async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
         second.rows[0].lease_expires_at
     );
 
-    let failed = |claim| Record {
-        id: ids[0],
-        customer_id: customer_id(12, 1),
-        disposition: Disposition::Failed { counts: true },
-        http_status: Some(400),
-        error_code: Some("INVALID_REQUEST_ERROR".into()),
-        error: Some("stale".into()),
-        claim,
-        hold: None,
-        attempts: vec![],
-    };
     let applied = store
-        .record(&[failed(first.rows[0].lease_expires_at)])
+        .record(&[common::refused(
+            ids[0],
+            &customer_id(12, 1),
+            first.rows[0].lease_expires_at,
+        )])
         .await
         .unwrap();
     assert!(
@@ -575,7 +568,11 @@ async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
     );
     assert_eq!(row(&db.pool, ids[0]).await.sync_status, "in_flight");
     let applied = store
-        .record(&[failed(second.rows[0].lease_expires_at)])
+        .record(&[common::refused(
+            ids[0],
+            &customer_id(12, 1),
+            second.rows[0].lease_expires_at,
+        )])
         .await
         .unwrap();
     assert_eq!(applied.len(), 1);
