@@ -78,9 +78,17 @@ pub struct SyncSettings {
     pub poll_interval_ms: u64,
     pub lease_ms: u64,
     pub max_attempts: u32,
+    /// Claims of a row that never came back (the process died or lost the lease) before it
+    /// is set aside as `failed` / `poison_row`.
+    #[serde(default = "default_max_claims")]
+    pub max_claims: u32,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
     pub shutdown_grace_ms: u64,
+}
+
+fn default_max_claims() -> u32 {
+    crate::outbox::store::DEFAULT_MAX_CLAIMS
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -320,6 +328,12 @@ impl Settings {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
             }
+        }
+        if !(1..=1000).contains(&self.sync.max_claims) {
+            return Err(ConfigError::new(
+                "sync.max_claims",
+                "must be between 1 and 1000",
+            ));
         }
         let rps = self.rate_limit.requests_per_second;
         if !(rps.is_finite() && rps > 0.0 && rps <= MAX_REQUESTS_PER_SECOND) {

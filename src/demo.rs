@@ -66,6 +66,7 @@ async fn run_demo(
         fail_rate: 0.03,
         rate_limit: Some(3_000.0),
         not_found: HashSet::from([UNKNOWN_CUSTOMER.to_owned()]),
+        ..Faults::default()
     };
     let sandbox = sandbox::spawn_local(DEMO_KEY, faults).await?;
     println!(

@@ -38,12 +38,11 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
             .await
             .context("replaying failed rows")?;
         println!(
-            "replay: {} failed rows back to pending; {} older failed rows superseded",
-            r.replayed, r.superseded
+            "replay: {} failed rows back to pending (each customer's rows are merged per column)",
+            r.replayed
         );
         tracing::info!(
             replayed = r.replayed,
-            superseded = r.superseded,
             filtered = !args.filter.is_empty() || !args.ids.is_empty(),
             "replayed failed rows"
         );
@@ -165,13 +164,13 @@ async fn wait_for_schema(pool: &PgPool, stop: &CancellationToken) -> anyhow::Res
 
 /// `run --replay-failed --dry-run`: the rows a replay with these filters would put back.
 async fn replay_dry_run(store: &Store, filter: &Binds) -> anyhow::Result<u8> {
-    let (rows, superseded) = store
+    let rows = store
         .replay_plan(filter)
         .await
         .context("reading the failed rows a replay would take")?;
     print!("{}", crate::inspect::dead_letter_table(&rows));
     println!(
-        "replay dry run: {} failed rows would go back to pending; {superseded} older failed rows would be superseded. Nothing was changed.",
+        "replay dry run: {} failed rows would go back to pending. Nothing was changed.",
         rows.len()
     );
     Ok(exit::OK)

@@ -128,8 +128,9 @@ async fn the_daemon_outlives_a_database_outage() {
     );
 }
 
-/// 404 fails the row (exit 1); once the customer exists, `run --replay-failed --once` sends
-/// the newest failed row and supersedes the older one.
+/// 404 fails the row (exit 1); once the customer exists, `run --replay-failed --once` puts
+/// both failed rows back, and the claim sends the newest, merged per column, superseding the
+/// older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_row_syncs_once_the_customer_exists() {
     let db = TestDb::new().await;
@@ -158,8 +159,7 @@ async fn a_replayed_row_syncs_once_the_customer_exists() {
     assert_eq!(replay.exit_code(60).await, 0, "{}", replay.stderr());
 
     let out = replay.stdout();
-    assert!(out.contains("1 failed rows back to pending"), "{out}");
-    assert!(out.contains("1 older failed rows superseded"), "{out}");
+    assert!(out.contains("2 failed rows back to pending"), "{out}");
     let (old, new) = (row(&db.pool, ids[0]).await, row(&db.pool, ids[1]).await);
     assert_eq!((new.sync_status.as_str(), new.attempts), ("synced", 1));
     assert_eq!(

@@ -384,7 +384,8 @@ async fn sync_state_keeps_sensitive_fields_only_when_configured() {
     assert!(response.get("ssn4").is_some() && response.get("date_of_birth").is_some());
 }
 
-/// G6: while requests are in flight, no session of the daemon sits in a transaction and no
+/// G6: while requests are in flight (each takes 500 ms), no transaction of the daemon lasts
+/// long enough to span one (the claim is a few statements in one short transaction), and no
 /// statement runs long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_transaction_stays_open_across_a_request() {
@@ -402,7 +403,8 @@ async fn no_transaction_stays_open_across_a_request() {
                     extract(epoch FROM now() - COALESCE(query_start, xact_start))::float8
              FROM pg_stat_activity
              WHERE datname = $1 AND pid <> pg_backend_pid()
-               AND (state LIKE 'idle in transaction%'
+               AND ((state LIKE 'idle in transaction%'
+                     AND now() - xact_start > interval '400 milliseconds')
                     OR (state = 'active' AND now() - query_start > interval '200 milliseconds'))",
         )
         .bind(&db.name)
@@ -538,7 +540,7 @@ async fn nul_bytes_in_answers_never_stop_the_write_back() {
 /// again (even by the same worker), the old outcome is not written onto the new claim.
 #[tokio::test]
 async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
-    use imprint_sync::outbox::store::{Disposition, Record, Store};
+    use imprint_sync::outbox::store::Store;
     let db = TestDb::new().await;
     let ids = insert(&db.pool, &[profile(&customer_id(12, 1), 1)]).await;
     let store = Store::new(db.pool.clone(), "worker-a");
@@ -559,18 +561,12 @@ async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
         second.rows[0].lease_expires_at
     );
 
-    let failed = |claim| Record {
-        id: ids[0],
-        customer_id: customer_id(12, 1),
-        disposition: Disposition::Failed { counts: true },
-        http_status: Some(400),
-        error_code: Some("INVALID_REQUEST_ERROR".into()),
-        error: Some("stale".into()),
-        claim,
-        attempts: vec![],
-    };
     let applied = store
-        .record(&[failed(first.rows[0].lease_expires_at)])
+        .record(&[common::refused(
+            ids[0],
+            &customer_id(12, 1),
+            first.rows[0].lease_expires_at,
+        )])
         .await
         .unwrap();
     assert!(
@@ -579,7 +575,11 @@ async fn a_stale_outcome_is_not_written_onto_a_new_claim() {
     );
     assert_eq!(row(&db.pool, ids[0]).await.sync_status, "in_flight");
     let applied = store
-        .record(&[failed(second.rows[0].lease_expires_at)])
+        .record(&[common::refused(
+            ids[0],
+            &customer_id(12, 1),
+            second.rows[0].lease_expires_at,
+        )])
         .await
         .unwrap();
     assert_eq!(applied.len(), 1);

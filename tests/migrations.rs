@@ -9,7 +9,8 @@ use common::{TestDb, binary_command, output_text, run_binary};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 6] = [
+    "customer_claims",
     "customer_outbox",
     "customer_sync_state",
     "reconcile_runs",

@@ -341,27 +341,24 @@ async fn replay_dry_run_lists_what_each_filter_would_put_back_and_changes_nothin
     seed(&db).await;
     let before = states(&db).await;
 
-    // No filter: the newest failed row of each customer without a newer row.
+    // No filter: every failed row (the claim merges each customer's rows per column).
     let (all, summary) = dry_run(&db, &[]);
-    assert_eq!(all, [2, 3, 5, 9]);
-    assert!(
-        summary.contains("4 failed rows would go back")
-            && summary.contains("3 older failed rows would be superseded"),
-        "{summary}"
-    );
-    // A code: C-E's newest row (9) is a 404, so it goes back; C-D has a newer pending row.
+    assert_eq!(all, [1, 2, 3, 5, 6, 8, 9]);
+    assert!(summary.contains("7 failed rows would go back"), "{summary}");
+    // A code: exactly the rows that failed with it, whatever else their customer has.
     let (not_found, summary) = dry_run(&db, &["--code", "CUSTOMER_NOT_FOUND_ERROR"]);
-    assert_eq!(not_found, [2, 9]);
-    assert!(
-        summary.contains("2 older failed rows would be superseded"),
-        "{summary}"
-    );
-    // C-E's newest failed row is a 404: its older invalid row decides nothing.
-    assert_eq!(dry_run(&db, &["--code", "invalid_profile"]).0, [3]);
+    assert_eq!(not_found, [1, 2, 6, 9]);
+    assert!(summary.contains("4 failed rows would go back"), "{summary}");
+    assert_eq!(dry_run(&db, &["--code", "invalid_profile"]).0, [3, 8]);
     assert_eq!(dry_run(&db, &["--customer", "C-C"]).0, [5]);
     assert_eq!(dry_run(&db, &["--since", "7m"]).0, [3, 5]);
     assert_eq!(dry_run(&db, &["--ids", "3,9"]).0, [3, 9]);
-    assert_eq!(dry_run(&db, &["--ids", "1"]).0, Vec::<i64>::new());
+    assert_eq!(dry_run(&db, &["--ids", "1"]).0, [1]);
+    assert_eq!(
+        dry_run(&db, &["--ids", "4,7"]).0,
+        Vec::<i64>::new(),
+        "not failed rows"
+    );
     assert_eq!(
         dry_run(
             &db,
@@ -403,7 +400,7 @@ async fn replay_with_a_code_puts_back_only_those_rows_and_the_run_ends_green() {
     // rows (invalid_profile, INVALID_REQUEST_ERROR) are still failed.
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(
-        all.contains("replay: 2 failed rows back to pending; 2 older failed rows superseded"),
+        all.contains("replay: 4 failed rows back to pending"),
         "{all}"
     );
     let want = [

@@ -39,6 +39,7 @@ pub struct EngineSettings {
     pub lease: Duration,
     pub request_timeout: Duration,
     pub max_attempts: u32,
+    pub max_claims: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub shutdown_grace: Duration,
@@ -56,6 +57,7 @@ impl EngineSettings {
             lease: Duration::from_millis(s.sync.lease_ms),
             request_timeout: Duration::from_millis(s.api.timeout_ms),
             max_attempts: s.sync.max_attempts,
+            max_claims: s.sync.max_claims,
             backoff_base: Duration::from_millis(s.sync.backoff_base_ms),
             backoff_max: Duration::from_millis(s.sync.backoff_max_ms),
             shutdown_grace: Duration::from_millis(s.sync.shutdown_grace_ms),
@@ -205,7 +207,7 @@ impl Engine {
         let concurrency = settings.concurrency as usize;
         Self {
             shared: Arc::new(Shared {
-                store: Store::new(pool, worker_id),
+                store: Store::new(pool, worker_id).with_max_claims(settings.max_claims),
                 client,
                 traffic,
                 settings,
@@ -343,7 +345,13 @@ async fn claimer(
             .clone()
             .try_acquire_many_owned(limit as u32)
             .expect("limit is within the free permits");
-        let claim = match shared.store.claim(limit as u32, s.lease).await {
+        // A suspect row (claimed before, never written back) is taken only while this
+        // process holds nothing else: if it kills the process, only it is blamed.
+        let claim = match shared
+            .store
+            .claim_batch(limit as u32, s.lease, in_hand == 0)
+            .await
+        {
             Ok(c) => {
                 db_errors.succeeded(&shared.health);
                 c
@@ -355,12 +363,35 @@ async fn claimer(
                     // the unique index refused the second (G1). Just claim again.
                     continue;
                 }
+                if !crate::db::is_transient(&e) {
+                    // Not an outage: a claim the database refused (or could not answer
+                    // readably). Say so; the next claim starts over.
+                    tracing::error!(error = %e, "claiming due rows failed; claiming again shortly");
+                    wait(shared, wake, s.poll_interval).await;
+                    continue;
+                }
                 let delay = db_errors.failed(&e, &shared.health);
                 wait(shared, wake, delay).await;
                 continue;
             }
         };
-        let claimed_at = Instant::now();
+        // The lease's start as the database's clock has it (not when the answer arrived).
+        let claimed_at = claim.lease_started;
+        for (id, customer_id) in &claim.failed {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("imprint_sync_rows_total", "outcome" => "failed").increment(1);
+            // Only an id that passed validation is logged (the partner writes it).
+            let customer_id = if crate::profile::check_customer_id(customer_id).is_ok() {
+                customer_id.as_str()
+            } else {
+                "-"
+            };
+            tracing::warn!(
+                outbox_id = id,
+                customer_id,
+                "row set aside by the claim (poison_row or an unusable customer id); marked failed"
+            );
+        }
         if claim.superseded > 0 {
             shared
                 .stats
@@ -381,7 +412,7 @@ async fn claimer(
             tasks.spawn(worker::work(shared.clone(), job, tx.clone()));
         }
         drop(permits);
-        if got < limit {
+        if got < limit && !claim.more {
             if shared.mode.once && drained(shared, window, capacity, wake).await {
                 shared.stats.drained.store(true, Ordering::Relaxed);
                 return;

@@ -215,20 +215,26 @@ async fn send(
                     Some(error.message.clone()),
                 ));
                 let message = describe(&error);
+                // No answer (a timeout, a broken connection): the request may still be
+                // applied, so the customer gets a quiet period before anything newer (G2).
+                let hold = status.is_none().then_some(shared.settings.request_timeout);
                 if n as u32 >= shared.settings.max_attempts {
                     shared.stats.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error_code = "max_attempts_exceeded", last_error_code = %error.code, attempts = n, "giving up on row");
-                    return record(
-                        row,
-                        Disposition::Failed { counts: true },
-                        status,
-                        Some("max_attempts_exceeded".into()),
-                        Some(format!(
-                            "after {n} attempts, last error {}: {message}",
-                            error.code
-                        )),
-                        attempts,
-                    );
+                    return Record {
+                        hold,
+                        ..record(
+                            row,
+                            Disposition::Failed { counts: true },
+                            status,
+                            Some("max_attempts_exceeded".into()),
+                            Some(format!(
+                                "after {n} attempts, last error {}: {message}",
+                                error.code
+                            )),
+                            attempts,
+                        )
+                    };
                 }
                 shared.stats.retried.fetch_add(1, Ordering::Relaxed);
                 let delay = retry::backoff(
@@ -237,17 +243,20 @@ async fn send(
                     shared.settings.backoff_max,
                 );
                 tracing::debug!(error_code = %error.code, attempt = n, delay_ms = delay.as_millis() as u64, "retrying later");
-                return record(
-                    row,
-                    Disposition::Retry {
-                        delay,
-                        counts: true,
-                    },
-                    status,
-                    Some(error.code.clone()),
-                    Some(message),
-                    attempts,
-                );
+                return Record {
+                    hold,
+                    ..record(
+                        row,
+                        Disposition::Retry {
+                            delay,
+                            counts: true,
+                        },
+                        status,
+                        Some(error.code.clone()),
+                        Some(message),
+                        attempts,
+                    )
+                };
             }
             Answer::Failed { status, error } => {
                 attempts.push(log(
@@ -327,6 +336,7 @@ fn record(
         id: row.id,
         customer_id: row.customer_id.clone(),
         claim: row.lease_expires_at,
+        hold: None,
         disposition,
         http_status,
         error_code,

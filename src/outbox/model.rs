@@ -32,6 +32,17 @@ pub struct OutboxRow {
     /// The claim's lease end: also the claim's token, so an outcome is written back only to
     /// the claim it belongs to (`None` for rows read without claiming).
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// A column that could not be read safely (too large, out of range, unparsable JSON):
+    /// the row fails alone, naming it, instead of stopping the claim (G7).
+    #[sqlx(skip)]
+    pub defect: Option<Defect>,
+}
+
+/// Why a row's column could not be read (never its value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Defect {
+    pub column: &'static str,
+    pub reason: String,
 }
 
 /// The row's sync state (`customer_outbox.sync_status`).

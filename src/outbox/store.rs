@@ -13,16 +13,14 @@ use super::model::OutboxRow;
 pub struct Store {
     pool: PgPool,
     worker_id: String,
+    max_claims: u32,
 }
 
-/// What one claim did.
-#[derive(Debug, Default)]
-pub struct Claim {
-    /// Rows now `in_flight` under this worker's lease; one per customer at most.
-    pub rows: Vec<OutboxRow>,
-    /// Older rows of the same customers retired as `superseded` without a request.
-    pub superseded: u64,
-}
+pub use super::claim::Claim;
+
+/// `sync.max_claims` when not configured: claims of a row without an outcome before it is
+/// set aside as `poison_row`.
+pub const DEFAULT_MAX_CLAIMS: u32 = 3;
 
 /// The final or intermediate state a worked row is written back with.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +57,9 @@ pub struct Record {
     /// The claim this outcome belongs to (its `lease_expires_at`): a row rescued and claimed
     /// again since is a different claim, and this outcome is not written onto it.
     pub claim: Option<DateTime<Utc>>,
+    /// A quiet period for the customer: the request may still be applied (a timeout, a
+    /// broken connection), so nothing newer is sent before it has passed.
+    pub hold: Option<Duration>,
     /// The HTTP attempts made for this outcome, for `sync_attempts`.
     pub attempts: Vec<AttemptLog>,
 }
@@ -87,123 +88,27 @@ pub struct Applied {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Replay {
     pub replayed: u64,
-    pub superseded: u64,
 }
 
-const ROW_COLUMNS: &str = "id, customer_id, email, phone, first_name, last_name, \
-    preferred_language, street_line1, street_line2, city, state, postal_code, country, \
-    account_tenure, ltv_amount, ltv_currency, loyalty_tier, account_created_at, \
-    transaction_count, metadata, enqueued_at, attempts, lease_expires_at";
-
-/// Which rows a replay touches (binds: [`dead_letters::MATCHES`]): `back`, the newest failed
-/// row of each customer, when it matches and no newer row exists; `gone`, the other matching
-/// failed rows of a customer whose newest row is not a failed row left out by the filter,
-/// with that newest row as `head`.
+/// The failed rows a replay takes (binds: [`dead_letters::MATCHES`]), locked.
 fn replay_scope() -> String {
     format!(
         r#"
-WITH failed AS (
-    SELECT o.id, o.customer_id FROM imprint_sync.customer_outbox o
+WITH back AS (
+    SELECT o.id FROM imprint_sync.customer_outbox o
     WHERE o.sync_status = 'failed' AND {MATCHES}
     FOR UPDATE SKIP LOCKED
-),
-head AS (
-    SELECT f.customer_id, n.id, n.sync_status
-    FROM (SELECT DISTINCT customer_id FROM failed) f
-    CROSS JOIN LATERAL (
-        SELECT o.id, o.sync_status FROM imprint_sync.customer_outbox o
-        WHERE o.customer_id = f.customer_id
-          AND o.sync_status IN ('failed', 'pending', 'in_flight', 'synced')
-        ORDER BY o.id DESC LIMIT 1) n
-),
-back AS (
-    SELECT h.id FROM head h JOIN failed f ON f.id = h.id
-),
-gone AS (
-    SELECT f.id, h.id AS head FROM failed f JOIN head h ON h.customer_id = f.customer_id
-    WHERE f.id <> h.id AND (h.sync_status <> 'failed' OR h.id IN (SELECT id FROM back))
 )"#
     )
 }
-
-/// The claim (G1, G2, G3, G6): due rows, oldest first, locked with SKIP LOCKED; per
-/// customer only the newest pending row is taken, and only when no row of that customer is
-/// in flight anywhere; older pending rows, and a newest row at or below the customer's last
-/// synced row, become `superseded`. One statement; it commits before any HTTP call.
-const CLAIM_SQL: &str = r#"
-WITH cand AS (
-    SELECT id, customer_id
-    FROM imprint_sync.customer_outbox
-    WHERE sync_status = 'pending' AND next_attempt_at <= now()
-      -- Customers with a row in flight wait; they must not fill the window (G1).
-      AND NOT EXISTS (SELECT 1 FROM imprint_sync.customer_outbox f
-                       WHERE f.customer_id = customer_outbox.customer_id
-                         AND f.sync_status = 'in_flight')
-    ORDER BY next_attempt_at, id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-),
-newest AS (
-    SELECT c.customer_id,
-           (SELECT max(o.id) FROM imprint_sync.customer_outbox o
-             WHERE o.customer_id = c.customer_id AND o.sync_status = 'pending') AS id,
-           COALESCE((SELECT s.last_synced_outbox_id FROM imprint_sync.customer_sync_state s
-                      WHERE s.customer_id = c.customer_id), 0) AS last_synced
-    FROM (SELECT DISTINCT customer_id FROM cand) c
-    WHERE NOT EXISTS (SELECT 1 FROM imprint_sync.customer_outbox f
-                       WHERE f.customer_id = c.customer_id AND f.sync_status = 'in_flight')
-),
--- `= ANY(ARRAY(...))` keeps these look-ups on the indexes whatever the planner guesses
--- of the CTEs' sizes (a hash join would scan the whole history).
-target AS (
-    SELECT o.id, o.customer_id, o.next_attempt_at <= now() AS due, n.last_synced
-    FROM imprint_sync.customer_outbox o
-    JOIN newest n ON o.id = n.id
-    WHERE o.id = ANY(ARRAY(SELECT id FROM newest WHERE id IS NOT NULL))
-      AND o.sync_status = 'pending'
-    FOR UPDATE OF o SKIP LOCKED
-),
-older AS (
-    SELECT o.id, GREATEST(t.id, t.last_synced) AS by
-    FROM imprint_sync.customer_outbox o
-    JOIN target t ON o.customer_id = t.customer_id
-    WHERE o.sync_status = 'pending' AND o.id < t.id
-    FOR UPDATE OF o SKIP LOCKED
-),
-retire AS (
-    SELECT id, by FROM older
-    UNION ALL
-    SELECT id, last_synced FROM target WHERE id <= last_synced
-),
-superseded AS (
-    UPDATE imprint_sync.customer_outbox o
-    SET sync_status = 'superseded', superseded_by = r.by, updated_at = now()
-    FROM retire r
-    WHERE o.id = r.id
-    RETURNING o.id
-),
-claimed AS (
-    UPDATE imprint_sync.customer_outbox o
-    SET sync_status = 'in_flight',
-        lease_expires_at = now() + $2 * interval '1 millisecond',
-        leased_by = $3,
-        updated_at = now()
-    FROM target t
-    WHERE o.id = t.id AND t.due AND t.id > t.last_synced
-    RETURNING o.*
-)
-SELECT s.n AS superseded_count, c.*
-FROM (SELECT count(*) AS n FROM superseded) s
-LEFT JOIN claimed c ON true
-"#;
 
 /// The write-back of a batch of outcomes, guarded by the lease owner: a row whose lease was
 /// lost (rescued by another worker) is left alone. The attempt log is written regardless.
 const RECORD_SQL: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[], $5::int[],
-                         $6::text[], $7::text[], $23::timestamptz[])
-        AS t(id, status, attempt_inc, delay_ms, http_status, error_code, error, claim)
+                         $6::text[], $7::text[], $23::timestamptz[], $26::bigint[])
+        AS t(id, status, attempt_inc, delay_ms, http_status, error_code, error, claim, hold_ms)
 ),
 done AS (
     UPDATE imprint_sync.customer_outbox o
@@ -219,11 +124,21 @@ done AS (
         last_error = CASE WHEN i.status = 'synced' THEN i.error
                           ELSE COALESCE(i.error, o.last_error) END,
         synced_at = CASE WHEN i.status = 'synced' THEN now() ELSE o.synced_at END,
+        -- An outcome came back: the row's claims did not die (see `poison_row`).
+        claims = 0,
         updated_at = now()
     FROM input i
     WHERE o.id = i.id AND o.sync_status = 'in_flight' AND o.leased_by = $8
       AND o.lease_expires_at = i.claim
-    RETURNING o.id, o.customer_id, o.sync_status, o.enqueued_at, i.claim
+    RETURNING o.id, o.customer_id, o.sync_status, o.enqueued_at, i.claim, i.hold_ms
+),
+-- The quiet period (G2): after a timeout or a broken connection the request may still be
+-- applied, so nothing newer is claimed for the customer before it has surely ended.
+held AS (
+    UPDATE imprint_sync.customer_claims c
+    SET hold_until = GREATEST(c.hold_until, now() + d.hold_ms * interval '1 millisecond')
+    FROM done d
+    WHERE c.customer_id = d.customer_id AND d.hold_ms IS NOT NULL
 ),
 state AS (
     INSERT INTO imprint_sync.customer_sync_state AS s
@@ -235,15 +150,17 @@ state AS (
                 $24::timestamptz[], $25::text[])
         AS x(id, imprint_updated_at, statuses, response, drift, claim, accepted)
     JOIN done d ON d.id = x.id AND d.claim = x.claim
+    -- Requests of a customer go one at a time (G1) and carry no column older than one already
+    -- sent (G2), so each synced answer is the newest: a late row's answer too, whose columns
+    -- no newer row had set.
     ON CONFLICT (customer_id) DO UPDATE
-    SET last_synced_outbox_id = EXCLUDED.last_synced_outbox_id,
+    SET last_synced_outbox_id = GREATEST(s.last_synced_outbox_id, EXCLUDED.last_synced_outbox_id),
         last_synced_at = EXCLUDED.last_synced_at,
         imprint_updated_at = EXCLUDED.imprint_updated_at,
         statuses = EXCLUDED.statuses,
         response = EXCLUDED.response,
         drift = EXCLUDED.drift,
         accepted = COALESCE(s.accepted, '{}'::jsonb) || EXCLUDED.accepted
-    WHERE s.last_synced_outbox_id < EXCLUDED.last_synced_outbox_id
 ),
 log AS (
     INSERT INTO imprint_sync.sync_attempts
@@ -267,7 +184,14 @@ impl Store {
         Self {
             pool,
             worker_id: worker_id.into(),
+            max_claims: DEFAULT_MAX_CLAIMS,
         }
+    }
+
+    /// Claims of a row without an outcome before it is set aside (`sync.max_claims`).
+    pub fn with_max_claims(mut self, max_claims: u32) -> Self {
+        self.max_claims = max_claims.max(1);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -278,22 +202,45 @@ impl Store {
         &self.worker_id
     }
 
-    /// Claims up to `limit` due rows under a lease of `lease`.
+    /// Claims up to `limit` due rows under a lease of `lease` (see [`super::claim`]).
     pub async fn claim(&self, limit: u32, lease: Duration) -> sqlx::Result<Claim> {
-        let rows = sqlx::query(CLAIM_SQL)
-            .bind(i64::from(limit))
-            .bind(lease.as_millis() as i64)
-            .bind(&self.worker_id)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut claim = Claim::default();
-        for row in rows {
-            claim.superseded = row.try_get::<i64, _>("superseded_count")? as u64;
-            if row.try_get::<Option<i64>, _>("id")?.is_some() {
-                claim.rows.push(row_from(&row)?);
-            }
-        }
+        self.claim_batch(limit, lease, true).await
+    }
+
+    /// The claim; `suspects_ok` lets it take a suspect row (claimed before, never written
+    /// back), alone: only when this process holds nothing else.
+    pub async fn claim_batch(
+        &self,
+        limit: u32,
+        lease: Duration,
+        suspects_ok: bool,
+    ) -> sqlx::Result<Claim> {
+        let (claim, _) = super::claim::claim(
+            &self.pool,
+            &self.worker_id,
+            limit,
+            lease,
+            self.max_claims,
+            suspects_ok,
+            false,
+        )
+        .await?;
         Ok(claim)
+    }
+
+    /// The claim, each statement also run under `EXPLAIN ANALYZE`: returns the claim and the
+    /// work of its plans (rows produced and removed, times loops), for tests and the benchmark.
+    pub async fn claim_measured(&self, limit: u32, lease: Duration) -> sqlx::Result<(Claim, f64)> {
+        super::claim::claim(
+            &self.pool,
+            &self.worker_id,
+            limit,
+            lease,
+            self.max_claims,
+            true,
+            true,
+        )
+        .await
     }
 
     /// Writes a batch of outcomes in one statement; returns the rows it applied to.
@@ -307,6 +254,7 @@ impl Store {
         let mut error_code: Vec<Option<&str>> = Vec::with_capacity(n);
         let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
         let mut claims = Vec::with_capacity(n);
+        let mut holds: Vec<Option<i64>> = Vec::with_capacity(n);
         let (mut s_ids, mut s_updated, mut s_statuses, mut s_response, mut s_drift) =
             (vec![], vec![], vec![], vec![], vec![]);
         let (mut s_claims, mut s_accepted) = (vec![], vec![]);
@@ -342,6 +290,10 @@ impl Store {
             };
             ids.push(r.id);
             claims.push(r.claim);
+            holds.push(
+                r.hold
+                    .map(|h| i64::try_from(h.as_millis()).unwrap_or(i64::MAX)),
+            );
             statuses.push(status);
             attempt_inc.push(inc);
             delay_ms.push(delay);
@@ -386,6 +338,7 @@ impl Store {
             .bind(&claims)
             .bind(&s_claims)
             .bind(&s_accepted)
+            .bind(&holds)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -411,75 +364,45 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// `run --replay-failed`: per customer, the newest failed row goes back to `pending`
-    /// (attempts reset) unless a newer row of that customer exists; every other failed row of
-    /// that customer becomes `superseded`. `sync_attempts` keeps the history. With filters,
-    /// only the failed rows that match take part, and a customer whose newest row is a
-    /// failed row outside the filter is left alone (that row decides what is sent next).
+    /// `run --replay-failed`: the failed rows that match go back to `pending` (attempts and
+    /// claims reset; `sync_attempts` keeps the history). The claim then merges a customer's
+    /// rows per column (G3) and leaves out every column a newer row already sent (G2), so a
+    /// replay never moves a field backwards, and an older failed row's e-mail change is not
+    /// lost to a newer row that only changed the phone. Without filters, every failed row.
     pub async fn replay_failed(&self, filter: &Binds) -> sqlx::Result<Replay> {
         let scope = replay_scope();
         let sql = format!(
-            r#"{scope},
-replayed AS (
-    UPDATE imprint_sync.customer_outbox o
-    SET sync_status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
-    FROM back b WHERE o.id = b.id
-    RETURNING o.id
-),
-superseded AS (
-    UPDATE imprint_sync.customer_outbox o
-    SET sync_status = 'superseded', superseded_by = g.head, updated_at = now()
-    FROM gone g WHERE o.id = g.id
-    RETURNING o.id
-)
-SELECT (SELECT count(*) FROM replayed) AS replayed, (SELECT count(*) FROM superseded) AS superseded
+            r#"{scope}
+UPDATE imprint_sync.customer_outbox o
+SET sync_status = 'pending', attempts = 0, claims = 0, next_attempt_at = now(),
+    updated_at = now()
+FROM back b WHERE o.id = b.id
+RETURNING o.id
 "#
         );
-        let (replayed, superseded): (i64, i64) =
-            dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
-                .fetch_one(&self.pool)
-                .await?;
+        let ids: Vec<(i64,)> = dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(Replay {
-            replayed: replayed as u64,
-            superseded: superseded as u64,
+            replayed: ids.len() as u64,
         })
     }
 
-    /// `run --replay-failed --dry-run`: the rows [`Store::replay_failed`] would put back, and
-    /// how many it would supersede; changes nothing.
-    pub async fn replay_plan(&self, filter: &Binds) -> sqlx::Result<(Vec<DeadLetter>, u64)> {
+    /// `run --replay-failed --dry-run`: the rows [`Store::replay_failed`] would put back;
+    /// changes nothing (the locks end with the statement).
+    pub async fn replay_plan(&self, filter: &Binds) -> sqlx::Result<Vec<DeadLetter>> {
         let scope = replay_scope();
         let sql = format!(
             r#"{scope}
 SELECT o.id, o.customer_id, COALESCE(o.last_error_code, 'unknown') AS error_code,
-       o.last_error, o.last_http_status, o.attempts, o.updated_at,
-       (SELECT count(*) FROM gone) AS superseded
+       o.last_error, o.last_http_status, o.attempts, o.updated_at
 FROM imprint_sync.customer_outbox o JOIN back b ON b.id = o.id
 ORDER BY o.id
 "#
         );
-        #[derive(sqlx::FromRow)]
-        struct Planned {
-            #[sqlx(flatten)]
-            row: DeadLetter,
-            superseded: i64,
-        }
-        let rows: Vec<Planned> =
-            dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
-                .fetch_all(&self.pool)
-                .await?;
-        let superseded = match rows.first() {
-            Some(p) => p.superseded as u64,
-            None => {
-                let sql = format!("{scope} SELECT count(*) FROM gone");
-                let (n,): (i64,) =
-                    dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
-                        .fetch_one(&self.pool)
-                        .await?;
-                n as u64
-            }
-        };
-        Ok((rows.into_iter().map(|p| p.row).collect(), superseded))
+        dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+            .fetch_all(&self.pool)
+            .await
     }
 
     /// Whether anything is left for `run --once`: rows pending or in flight, and how long
@@ -489,7 +412,9 @@ ORDER BY o.id
             "SELECT
                (SELECT count(*) FROM imprint_sync.customer_outbox WHERE sync_status = 'in_flight') AS in_flight,
                (SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
-                  FROM imprint_sync.customer_outbox WHERE sync_status = 'pending') AS next_due_in",
+                  FROM imprint_sync.customer_outbox
+                  -- (IS NOT NULL: the due index's predicate; min() skips NULLs anyway)
+                  WHERE sync_status = 'pending' AND next_attempt_at IS NOT NULL) AS next_due_in",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -504,17 +429,7 @@ ORDER BY o.id
 
     /// Due pending rows, newest per customer, read without locking (for `run --dry-run`).
     pub async fn peek_due(&self, limit: u32) -> sqlx::Result<(Vec<OutboxRow>, u64)> {
-        let sql = format!(
-            "WITH due AS (
-                SELECT * FROM imprint_sync.customer_outbox
-                WHERE sync_status = 'pending' AND next_attempt_at <= now()
-             )
-             SELECT {ROW_COLUMNS}, (SELECT count(*) FROM due) AS due_total
-             FROM (SELECT DISTINCT ON (customer_id) * FROM due ORDER BY customer_id, id DESC) d
-             ORDER BY id
-             LIMIT $1"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(super::claim::peek_sql())
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
@@ -522,7 +437,10 @@ ORDER BY o.id
             Some(r) => r.try_get::<i64, _>("due_total")? as u64,
             None => 0,
         };
-        let rows = rows.iter().map(row_from).collect::<sqlx::Result<_>>()?;
+        let rows = rows
+            .iter()
+            .map(super::claim::decode)
+            .collect::<sqlx::Result<_>>()?;
         Ok((rows, total))
     }
 
@@ -571,34 +489,6 @@ impl Remaining {
     pub fn is_empty(&self) -> bool {
         self.in_flight == 0 && self.next_due_in.is_none()
     }
-}
-
-fn row_from(row: &sqlx::postgres::PgRow) -> sqlx::Result<OutboxRow> {
-    Ok(OutboxRow {
-        id: row.try_get("id")?,
-        customer_id: row.try_get("customer_id")?,
-        email: row.try_get("email")?,
-        phone: row.try_get("phone")?,
-        first_name: row.try_get("first_name")?,
-        last_name: row.try_get("last_name")?,
-        preferred_language: row.try_get("preferred_language")?,
-        street_line1: row.try_get("street_line1")?,
-        street_line2: row.try_get("street_line2")?,
-        city: row.try_get("city")?,
-        state: row.try_get("state")?,
-        postal_code: row.try_get("postal_code")?,
-        country: row.try_get("country")?,
-        account_tenure: row.try_get("account_tenure")?,
-        ltv_amount: row.try_get("ltv_amount")?,
-        ltv_currency: row.try_get("ltv_currency")?,
-        loyalty_tier: row.try_get("loyalty_tier")?,
-        account_created_at: row.try_get("account_created_at")?,
-        transaction_count: row.try_get("transaction_count")?,
-        metadata: row.try_get("metadata")?,
-        enqueued_at: row.try_get("enqueued_at")?,
-        attempts: row.try_get("attempts")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-    })
 }
 
 /// A live replica, as `status` lists it.

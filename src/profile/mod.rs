@@ -216,6 +216,9 @@ fn any_text(_: &'static str, _: &str) -> Result<(), ProfileError> {
 
 /// Maps an outbox row to the request, validating every field. NULL columns are left out.
 pub fn map_row(row: &OutboxRow) -> Result<UpdateCustomerRequest, ProfileError> {
+    if let Some(d) = &row.defect {
+        return Err(err(d.column, d.reason.clone()));
+    }
     check_customer_id(&row.customer_id)?;
     let email = text("email", &row.email, |_, v| check_email(v))?;
     let phone = text("phone", &row.phone, |_, v| check_phone(v))?;

@@ -45,6 +45,10 @@ pub struct Faults {
     pub rate_limit: Option<f64>,
     /// Customer ids answered 404 `CUSTOMER_NOT_FOUND_ERROR`.
     pub not_found: HashSet<String>,
+    /// Share of requests answered 400 `INVALID_REQUEST_ERROR` (after the body is journaled,
+    /// like the 500s), from 0.0 to 1.0: rows that fail while newer ones are pending.
+    #[serde(default)]
+    pub reject_rate: f64,
 }
 
 impl Faults {
@@ -55,6 +59,7 @@ impl Faults {
             fail_rate: args.fail_rate,
             rate_limit: args.rate_limit,
             not_found: HashSet::new(),
+            reject_rate: 0.0,
         }
     }
 
@@ -62,6 +67,9 @@ impl Faults {
     pub fn check(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.fail_rate) {
             return Err("fail_rate must be between 0.0 and 1.0".into());
+        }
+        if !(0.0..=1.0).contains(&self.reject_rate) {
+            return Err("reject_rate must be between 0.0 and 1.0".into());
         }
         if let Some(rps) = self.rate_limit
             && !(rps.is_finite() && rps > 0.0)
@@ -400,6 +408,14 @@ impl Shared {
                 None,
             ));
         }
+        if live.faults.reject_rate > 0.0 && rand::random::<f64>() < live.faults.reject_rate {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                "injected rejection",
+                None,
+            ));
+        }
         // An id that could not be an Imprint id is not found either.
         if live.faults.not_found.contains(id) || crate::profile::check_customer_id(id).is_err() {
             return Err(not_found());
@@ -510,6 +526,7 @@ struct FaultsPatch {
     #[serde(default, deserialize_with = "present_or_null")]
     rate_limit: Option<Option<f64>>,
     not_found: Option<HashSet<String>>,
+    reject_rate: Option<f64>,
 }
 
 /// Tells an explicit `null` (`Some(None)`) from an absent key (`None`, by `default`).
@@ -528,6 +545,7 @@ async fn admin_put_faults(State(s): State<Arc<Shared>>, body: Bytes) -> Response
     faults.fail_rate = patch.fail_rate.unwrap_or(faults.fail_rate);
     faults.rate_limit = patch.rate_limit.unwrap_or(faults.rate_limit);
     faults.not_found = patch.not_found.unwrap_or(faults.not_found);
+    faults.reject_rate = patch.reject_rate.unwrap_or(faults.reject_rate);
     match s.set_faults(faults) {
         Ok(()) => admin_faults(State(s)).await.into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, INVALID, &e.to_string(), None),

@@ -598,3 +598,23 @@ pub async fn admin_addr(daemon: &Daemon) -> std::net::SocketAddr {
     .await;
     found.expect("admin address")
 }
+
+/// A 400 outcome of a claimed row, as the worker would record it (`claim` is the row's
+/// `lease_expires_at`).
+pub fn refused(
+    id: i64,
+    customer: &str,
+    claim: Option<chrono::DateTime<chrono::Utc>>,
+) -> imprint_sync::outbox::store::Record {
+    imprint_sync::outbox::store::Record {
+        id,
+        customer_id: customer.to_owned(),
+        disposition: imprint_sync::outbox::store::Disposition::Failed { counts: true },
+        http_status: Some(400),
+        error_code: Some("INVALID_REQUEST_ERROR".into()),
+        error: Some("email: refused".into()),
+        claim,
+        hold: None,
+        attempts: vec![],
+    }
+}

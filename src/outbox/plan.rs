@@ -1,0 +1,54 @@
+//! The work a statement did, read from its `EXPLAIN (ANALYZE, FORMAT JSON)` output: the
+//! claim's cost must follow the batch, not the backlog or the planner's statistics (G9), and
+//! this is the measure tests and the benchmark hold it to (time is not: it varies by machine).
+
+use serde_json::Value;
+
+/// Sum over every plan node of (rows produced + rows removed by filters, join filters and
+/// index rechecks) × loops. Takes the whole `EXPLAIN (ANALYZE, FORMAT JSON)` result (an array
+/// of one object with a `Plan`), a single `{ "Plan": … }` object, or a plan node.
+pub fn work(explain: &Value) -> f64 {
+    match explain {
+        Value::Array(items) => items.iter().map(work).sum(),
+        Value::Object(o) => match o.get("Plan") {
+            Some(plan) => node(plan),
+            None => node(explain),
+        },
+        _ => 0.0,
+    }
+}
+
+fn node(plan: &Value) -> f64 {
+    let n = |key: &str| plan.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+    let own = (n("Actual Rows")
+        + n("Rows Removed by Filter")
+        + n("Rows Removed by Join Filter")
+        + n("Rows Removed by Index Recheck"))
+        * n("Actual Loops").max(1.0);
+    let children: f64 = plan
+        .get("Plans")
+        .and_then(Value::as_array)
+        .map(|ps| ps.iter().map(node).sum())
+        .unwrap_or(0.0);
+    own + children
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sums_rows_and_removed_rows_times_loops_over_every_node() {
+        let explain = json!([{ "Plan": {
+            "Node Type": "Nested Loop", "Actual Rows": 10.0, "Actual Loops": 1.0,
+            "Rows Removed by Join Filter": 5.0,
+            "Plans": [
+                { "Node Type": "Seq Scan", "Actual Rows": 10.0, "Actual Loops": 1.0,
+                  "Rows Removed by Filter": 90.0 },
+                { "Node Type": "Index Scan", "Actual Rows": 1.0, "Actual Loops": 10.0 }
+            ]
+        }}]);
+        assert_eq!(work(&explain), 15.0 + 100.0 + 10.0);
+    }
+}
