@@ -97,7 +97,9 @@ const ROW_COLUMNS: &str = "id, customer_id, email, phone, first_name, last_name,
 /// customer only the newest pending row is taken, and only when no row of that customer is
 /// in flight anywhere; older pending rows, and a newest row at or below the customer's last
 /// synced row, become `superseded`. One statement; it commits before any HTTP call.
-const CLAIM_SQL: &str = r#"
+/// Public so the benchmark can run it under `EXPLAIN (ANALYZE)` for its plan-work figure
+/// (binds: `$1` batch size, `$2` lease in ms, `$3` worker id).
+pub const CLAIM_SQL: &str = r#"
 WITH cand AS (
     SELECT id, customer_id
     FROM imprint_sync.customer_outbox
