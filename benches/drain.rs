@@ -73,7 +73,9 @@ fn args() -> Args {
             "--idle-rows" => a.idle_rows = next().expect("--idle-rows N"),
             "--max-seconds" => a.max_seconds = next().expect("--max-seconds N"),
             "--analyze" => a.analyze = true,
-            "--statement-log" => a.statement_log = Some(next().expect("--statement-log PATH")),
+            "--statement-log" => {
+                a.statement_log = Some(argv.get(i + 1).cloned().expect("--statement-log PATH"))
+            }
             _ => {} // cargo passes --bench
         }
         i += 1;
@@ -85,7 +87,6 @@ fn args() -> Args {
 struct Bench {
     server: String,
     base: url::Url,
-    raw: f64,
     max_seconds: u64,
     statement_log: Option<String>,
 }
@@ -105,7 +106,10 @@ async fn main() -> anyhow::Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     line(format!(
         "machine: {cores} cores, load average at start {}",
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     ));
 
     // The raw HTTP rate at the same concurrency, no database.
@@ -116,7 +120,6 @@ async fn main() -> anyhow::Result<()> {
     let bench = Bench {
         server,
         base: sandbox.base_url(),
-        raw,
         max_seconds: args.max_seconds,
         statement_log: args.statement_log.clone(),
     };
@@ -145,8 +148,7 @@ async fn main() -> anyhow::Result<()> {
             let pool = connect(&db.url).await?;
             sample = Some(sync_state_sample(&pool).await?);
             if args.idle_rows > 0 {
-                let (p50, p99) =
-                    idle_latency(&db.url, &bench.base, &pool, args.idle_rows).await?;
+                let (p50, p99) = idle_latency(&db.url, &bench.base, &pool, args.idle_rows).await?;
                 line(format!(
                     "- idle insert -> synced ({} rows, one every 20 ms): p50 {p50:.1} ms, p99 {p99:.1} ms",
                     args.idle_rows
@@ -414,7 +416,12 @@ impl Figures {
 
 impl Bench {
     /// Explains the claim, then drains the seeded database and measures it.
-    async fn case(&self, db: &ScratchDatabase, pool: PgPool, pending: u64) -> anyhow::Result<Figures> {
+    async fn case(
+        &self,
+        db: &ScratchDatabase,
+        pool: PgPool,
+        pending: u64,
+    ) -> anyhow::Result<Figures> {
         let work = explain_claim(&pool).await?;
         println!(
             "(claim work {:.1} per claimed row)",
@@ -426,7 +433,10 @@ impl Bench {
             .is_ok();
         if self.statement_log.is_some() {
             // The bench's own database only; bind parameters never reach the log.
-            for set in ["log_min_duration_statement = 0", "log_parameter_max_length = 0"] {
+            for set in [
+                "log_min_duration_statement = 0",
+                "log_parameter_max_length = 0",
+            ] {
                 let sql = format!(r#"ALTER DATABASE "{}" SET {set}"#, db.name);
                 sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await?;
             }
@@ -452,7 +462,10 @@ impl Bench {
             .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()));
 
         let started = Instant::now();
-        let mut child = daemon(&db.url, &self.base).arg("run").arg("--once").spawn()?;
+        let mut child = daemon(&db.url, &self.base)
+            .arg("run")
+            .arg("--once")
+            .spawn()?;
         let pid = child.id();
         let mut peak = 0;
         let mut stopped = false;
@@ -474,6 +487,11 @@ impl Bench {
         // Sessions still running a statement of the stopped daemon finish first: their
         // time belongs to the drain.
         wait_sessions_gone(&mut admin, &db.name).await?;
+        // The log ends here: what follows is the bench's own reading.
+        let log_end = self
+            .statement_log
+            .as_deref()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()));
         tokio::time::sleep(Duration::from_millis(700)).await;
         let after = snapshot(&mut admin, &self.server, &db.name).await?;
 
@@ -501,8 +519,10 @@ impl Bench {
         };
         pool.close().await;
         admin.close().await?;
-        let statements = match (&self.statement_log, log_start) {
-            (Some(path), Some(start)) => Some(statement_profile(path, start, &db.name)?),
+        let statements = match (&self.statement_log, log_start, log_end) {
+            (Some(path), Some(start), Some(end)) => {
+                Some(statement_profile(path, start, end, &db.name)?)
+            }
             _ => None,
         };
         Ok(Figures {
@@ -569,11 +589,10 @@ async fn snapshot(admin: &mut PgConnection, server: &str, db: &str) -> anyhow::R
 
 async fn wait_sessions_gone(admin: &mut PgConnection, db: &str) -> anyhow::Result<()> {
     for _ in 0..600 {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
-                .bind(db)
-                .fetch_one(&mut *admin)
-                .await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+            .bind(db)
+            .fetch_one(&mut *admin)
+            .await?;
         if n == 0 {
             return Ok(());
         }
@@ -631,8 +650,9 @@ async fn explain_claim(pool: &PgPool) -> anyhow::Result<Work> {
 fn plan_work(explain: &serde_json::Value) -> f64 {
     fn node(n: &serde_json::Value) -> f64 {
         let f = |k: &str| n[k].as_f64().unwrap_or(0.0);
-        let own = (f("Actual Rows") + f("Rows Removed by Filter") + f("Rows Removed by Join Filter"))
-            * f("Actual Loops");
+        let own =
+            (f("Actual Rows") + f("Rows Removed by Filter") + f("Rows Removed by Join Filter"))
+                * f("Actual Loops");
         own + n["Plans"]
             .as_array()
             .map_or(0.0, |ps| ps.iter().map(node).sum())
@@ -677,7 +697,7 @@ async fn wal_profile(pool: &PgPool, from: &str, to: &str) -> anyhow::Result<Vec<
     let rows = sqlx::query(
         r#"
 WITH r AS MATERIALIZED (
-    SELECT xid, resource_manager AS rm, record_type AS rt, record_length::bigint AS len,
+    SELECT xid::text::bigint AS xid, resource_manager AS rm, record_type AS rt, record_length::bigint AS len,
            fpi_length::bigint AS fpi, regexp_match(block_ref, 'rel \d+/(\d+)/(\d+)') AS m
     FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn)
 ),
@@ -696,14 +716,14 @@ kinds AS (
                 WHEN bool_or(n.rel LIKE 'customer_outbox%') THEN 'claim'
                 ELSE 'other transactions' END AS kind
     FROM ours o JOIN names n USING (node)
-    WHERE o.xid <> '0'
+    WHERE o.xid <> 0
     GROUP BY o.xid
 ),
 agg AS (
     SELECT xid, node, rm, rt, count(*) AS cnt, sum(len) AS len, sum(fpi) AS fpi
     FROM ours GROUP BY 1, 2, 3, 4
     UNION ALL
-    SELECT xid, NULL, rm, rt, count(*), sum(len), sum(fpi)
+    SELECT xid, NULL::oid, rm, rt, count(*), sum(len), sum(fpi)
     FROM r WHERE m IS NULL AND xid IN (SELECT xid FROM kinds) GROUP BY 1, 2, 3, 4
 )
 SELECT COALESCE(k.kind, 'no transaction (pruning)') AS kind,
@@ -737,13 +757,15 @@ ORDER BY 1, 5 DESC
 fn statement_profile(
     path: &str,
     start: u64,
+    end: u64,
     db: &str,
 ) -> anyhow::Result<BTreeMap<String, (u64, f64)>> {
     use std::io::{Read, Seek};
     let mut f = std::fs::File::open(path)?;
     f.seek(std::io::SeekFrom::Start(start))?;
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
+    let mut bytes = Vec::new();
+    f.take(end.saturating_sub(start)).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
     let marker = format!("@{db} LOG:  duration: ");
     let is_prefixed = |l: &str| {
         l.as_bytes().get(4) == Some(&b'-') && l.get(..4).is_some_and(|y| y.parse::<u32>().is_ok())
@@ -753,12 +775,18 @@ fn statement_profile(
     for (i, l) in lines.iter().enumerate() {
         let Some(pos) = l.find(&marker) else { continue };
         let rest = &l[pos + marker.len()..];
-        let Some((ms, what)) = rest.split_once(" ms  ") else { continue };
+        let Some((ms, what)) = rest.split_once(" ms  ") else {
+            continue;
+        };
         let ms: f64 = ms.parse().unwrap_or(0.0);
         let phase = what.split_whitespace().next().unwrap_or("");
         // The statement text: after the first ": ", continued on unprefixed lines.
         let mut sql = what.split_once(": ").map_or("", |x| x.1).to_owned();
-        for next in lines[i + 1..].iter().take_while(|n| !is_prefixed(n)).take(4) {
+        for next in lines[i + 1..]
+            .iter()
+            .take_while(|n| !is_prefixed(n))
+            .take(4)
+        {
             sql.push(' ');
             sql.push_str(next);
         }
