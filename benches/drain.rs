@@ -41,6 +41,8 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 const KEY: &str = "bench-key";
 const CONCURRENCY: usize = 64;
 const BATCH: i64 = 500;
+/// Everything from this line on in `bench/results.md` is kept when the figures are rewritten.
+const NOTES_MARKER: &str = "<!-- notes: kept by the benchmark -->";
 
 struct Args {
     rows: u64,
@@ -202,6 +204,13 @@ async fn main() -> anyhow::Result<()> {
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     );
     md.push_str(&out);
+    // Hand-written notes (a profile, proposals) below the marker survive a new run.
+    if let Ok(old) = std::fs::read_to_string("bench/results.md")
+        && let Some(at) = old.find(NOTES_MARKER)
+    {
+        md.push('\n');
+        md.push_str(&old[at..]);
+    }
     std::fs::write("bench/results.md", md)?;
     println!("written to bench/results.md");
     Ok(())
