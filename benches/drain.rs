@@ -689,6 +689,7 @@ fn node_work(n: &serde_json::Value, out: &mut Vec<(String, f64)>) {
 }
 
 /// One line of the WAL profile.
+#[derive(sqlx::FromRow)]
 struct WalRow {
     kind: String,
     relation: String,
@@ -703,7 +704,7 @@ struct WalRow {
 /// A transaction is a write-back if it wrote `sync_attempts`, a claim if it wrote the outbox
 /// otherwise; records without a transaction id (pruning) are their own kind.
 async fn wal_profile(pool: &PgPool, from: &str, to: &str) -> anyhow::Result<Vec<WalRow>> {
-    let rows = sqlx::query(
+    let rows = sqlx::query_as::<_, WalRow>(
         r#"
 WITH r AS MATERIALIZED (
     SELECT xid::text::bigint AS xid, resource_manager AS rm, record_type AS rt, record_length::bigint AS len,
@@ -736,8 +737,8 @@ agg AS (
     FROM r WHERE m IS NULL AND xid IN (SELECT xid FROM kinds) GROUP BY 1, 2, 3, 4
 )
 SELECT COALESCE(k.kind, 'no transaction (pruning)') AS kind,
-       COALESCE(n.rel, '(transaction)') AS rel, a.rm || ' ' || a.rt AS record,
-       sum(a.cnt)::bigint AS cnt, sum(a.len)::bigint AS len, sum(a.fpi)::bigint AS fpi
+       COALESCE(n.rel, '(transaction)') AS relation, a.rm || ' ' || a.rt AS record,
+       sum(a.cnt)::bigint AS count, sum(a.len)::bigint AS bytes, sum(a.fpi)::bigint AS fpi
 FROM agg a LEFT JOIN kinds k USING (xid) LEFT JOIN names n USING (node)
 GROUP BY 1, 2, 3
 ORDER BY 1, 5 DESC
@@ -747,18 +748,7 @@ ORDER BY 1, 5 DESC
     .bind(to)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(WalRow {
-                kind: r.try_get("kind")?,
-                relation: r.try_get("rel")?,
-                record: r.try_get("record")?,
-                count: r.try_get("cnt")?,
-                bytes: r.try_get("len")?,
-                fpi: r.try_get("fpi")?,
-            })
-        })
-        .collect()
+    Ok(rows)
 }
 
 /// Database time by statement kind, from the server log written since `start`:
