@@ -212,12 +212,8 @@ impl Settings {
                 "set either api.key or api.key_file, not both",
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                "api.key_file",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
+        let text = read_small_file(path, MAX_KEY_FILE_BYTES)
+            .map_err(|why| ConfigError::new("api.key_file", why))?;
         let key = text.trim_end_matches(['\r', '\n']);
         if key.is_empty() {
             return Err(ConfigError::new(
@@ -538,6 +534,41 @@ fn header_safe(key: &str, secret: Option<&SecretString>) -> Result<(), ConfigErr
         }
         _ => Ok(()),
     }
+}
+
+/// Largest `api.key_file` read: a key is tens of bytes, and it travels in every request's
+/// header.
+pub const MAX_KEY_FILE_BYTES: u64 = 4 * 1024;
+
+/// Opens a file named by the configuration that must be a small regular file: a directory,
+/// a device such as /dev/zero (read for ever, until out of memory), a FIFO (blocks) or a
+/// huge file is refused with a message saying which. Messages never hold the content.
+pub fn open_small_file(path: &Path, max_bytes: u64) -> Result<std::fs::File, String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    if meta.len() > max_bytes {
+        return Err(format!("{shown} is larger than {max_bytes} bytes"));
+    }
+    std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))
+}
+
+/// Reads a small text file named by the configuration (see [`open_small_file`]).
+fn read_small_file(path: &Path, max_bytes: u64) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let mut bytes = Vec::new();
+    open_small_file(path, max_bytes)?
+        .take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    // It may have grown between the size check and the read.
+    if bytes.len() as u64 > max_bytes {
+        return Err(format!("{shown} is larger than {max_bytes} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))
 }
 
 /// Turns the config crate's error into one that names the key where it can. An unknown

@@ -22,6 +22,9 @@ const URL_FILE_PARAMS: [&str; 7] = [
     "ssl-key",
 ];
 
+/// Largest certificate or key file `database.url` may name (a CA bundle is a few hundred KB).
+const MAX_CERT_FILE_BYTES: u64 = 1024 * 1024;
+
 /// The other query parameters of `database.url` that sqlx understands. sqlx ignores any
 /// other one (and logs it with its value), so a misspelt `sslmode` would silently mean
 /// plaintext: refused.
@@ -80,14 +83,25 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
             format!("scheme `{}` is not postgres or postgresql", parsed.scheme()),
         ));
     }
-    for (name, _) in parsed.query_pairs() {
+    // The raw pairs, not `query_pairs()`: whether a pair has a `=` decides if its name may
+    // be shown.
+    for raw in parsed
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let raw_name = raw.split_once('=').map_or(raw, |(n, _)| n);
+        let name: String = url::form_urlencoded::parse(raw_name.as_bytes())
+            .map(|(k, _)| k.into_owned())
+            .collect();
         let indexed_option = name.starts_with("options[") && name.ends_with(']');
         if !(URL_PARAMS.contains(&&*name) || URL_FILE_PARAMS.contains(&&*name) || indexed_option) {
             return Err(ConfigError::new(
                 URL_KEY,
                 format!(
-                    "unknown parameter `{}` (known: {}, {})",
-                    name.chars().take(40).collect::<String>(),
+                    "unknown parameter {} (known: {}, {})",
+                    shown_param_name(&name, raw.contains('=')),
                     URL_PARAMS.join(", "),
                     URL_FILE_PARAMS.join(", ")
                 ),
@@ -96,6 +110,18 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
     }
     url.parse()
         .map_err(|e: sqlx::Error| ConfigError::new(URL_KEY, e.to_string()))
+}
+
+/// The name of a parameter for an error message, or a note that it is not shown: a name
+/// without `=`, or one holding characters no parameter name has, may be a pasted value (a
+/// `password%3D…` decodes to `password=…`, a bare `?s3cr3t` is a name without a value).
+fn shown_param_name(name: &str, has_value: bool) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.[]".contains(c);
+    if has_value && !name.is_empty() && name.len() <= 40 && name.chars().all(plain) {
+        format!("`{name}`")
+    } else {
+        "(name not shown: it may hold a value; parameters are written name=value)".to_owned()
+    }
 }
 
 /// The certificate files `database.url` names must be readable where the daemon runs: sqlx
@@ -107,9 +133,10 @@ fn check_url_files(url: &str) -> Result<(), ConfigError> {
     };
     for (name, value) in parsed.query_pairs() {
         if URL_FILE_PARAMS.contains(&&*name) {
-            std::fs::File::open(&*value).map_err(|e| {
-                ConfigError::new(URL_KEY, format!("{name}: cannot read {value}: {e}"))
-            })?;
+            // A directory passed File::open and then failed every connection as an I/O
+            // error (retried for ever); /dev/zero was read until out of memory.
+            crate::config::open_small_file(std::path::Path::new(&*value), MAX_CERT_FILE_BYTES)
+                .map_err(|why| ConfigError::new(URL_KEY, format!("{name}: {why}")))?;
         }
     }
     Ok(())

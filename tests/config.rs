@@ -520,3 +520,90 @@ fn check_config_redacts_a_password_in_the_database_url_query() {
         assert!(!format!("{s:?}").contains(DB_PASSWORD), "Debug: {s:?}");
     }
 }
+
+/// Runs the binary with its address space capped (2 GiB), so a configuration that makes it
+/// read without end fails the test instead of taking the machine's memory.
+fn run_binary_capped(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let binary = env!("CARGO_BIN_EXE_imprint-sync");
+    let mut all = vec!["-c", "ulimit -v 2097152; exec \"$0\" \"$@\"", binary];
+    all.extend_from_slice(args);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(&all).env_clear().envs(env.iter().copied());
+    cmd.output().expect("running the imprint-sync binary")
+}
+
+/// `api.key_file` must be a small regular file: /dev/zero was read until out of memory, and
+/// a 2 MiB file was taken as a key to send in every request's header (adversarial review).
+#[test]
+fn a_key_file_that_is_a_device_or_huge_exits_64() {
+    let huge = toml_file(&"k".repeat(2 * 1024 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    for path in [
+        "/dev/zero",
+        huge.path().to_str().unwrap(),
+        dir.path().to_str().unwrap(),
+    ] {
+        let out = run_binary_capped(&["check-config"], &[("IMPRINT_SYNC__API__KEY_FILE", path)]);
+        assert_config_error(&out, "api.key_file", path);
+        assert!(
+            output_text(&out).contains("regular file") || output_text(&out).contains("larger"),
+            "{path}: {}",
+            output_text(&out)
+        );
+    }
+}
+
+/// A certificate path of `database.url` that is a directory failed every connection as an
+/// I/O error: `run` retried it for ever, `status` and `migrate` exited 70; /dev/zero was read
+/// until out of memory. Both are configuration errors naming database.url.
+#[tokio::test]
+async fn a_database_certificate_path_that_is_not_a_small_file_exits_64() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    for (param, path) in [
+        ("sslrootcert", dir.path().to_str().unwrap()),
+        ("sslrootcert", "/dev/zero"),
+    ] {
+        url.query_pairs_mut()
+            .clear()
+            .append_pair("sslmode", "verify-full")
+            .append_pair(param, path);
+        for args in [&["status"][..], &["migrate"][..]] {
+            let out = run_binary_capped(args, &[("DATABASE_URL", url.as_str())]);
+            assert_config_error(&out, "database.url", &format!("{args:?} {param}={path}"));
+            assert!(output_text(&out).contains(param), "{}", output_text(&out));
+        }
+    }
+}
+
+/// An unknown parameter is named in the error, but a name that decodes to `password=…`
+/// (`password%3D…`), or a bare value with no `=`, is a pasted secret: never echoed.
+#[test]
+fn an_unknown_database_url_parameter_never_echoes_a_secret() {
+    for url in [
+        format!("postgres://app@db.internal:5432/app?password%3D{DB_PASSWORD}"),
+        format!("postgres://app@db.internal:5432/app?sslmode=require&{DB_PASSWORD}"),
+        format!("postgres://app@db.internal:5432/app?%3D{DB_PASSWORD}"),
+    ] {
+        let out = check_config(&[("DATABASE_URL", &url)]);
+        assert_config_error(&out, "database.url", &url);
+        let text = output_text(&out);
+        assert!(
+            !text.contains(DB_PASSWORD),
+            "{url}: password printed: {text}"
+        );
+        assert!(text.contains("unknown parameter"), "{text}");
+    }
+    // A plain misspelt name is still named, so the operator can fix it.
+    let out = check_config(&[(
+        "DATABASE_URL",
+        "postgres://app@db.internal:5432/app?sslmod=verify-full",
+    )]);
+    assert_config_error(&out, "database.url", "sslmod");
+    assert!(
+        output_text(&out).contains("`sslmod`"),
+        "{}",
+        output_text(&out)
+    );
+}
