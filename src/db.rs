@@ -64,11 +64,20 @@ pub fn migrator() -> sqlx::migrate::Migrator {
 
 /// Connect options for a URL, with statement logging turned down (statements carry values).
 pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
+    install_tls_provider();
     let opts: PgConnectOptions = url.parse().context("parsing database.url")?;
     Ok(opts
         .application_name("imprint-sync")
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(2)))
+}
+
+/// Makes aws-lc-rs the process's TLS crypto provider. sqlx's `sslmode=verify-ca` path asks
+/// rustls for the process default, which rustls cannot pick once both of its providers are
+/// compiled in (any crate enabling `ring` does that, as the test build does): it panicked
+/// at the first connection, exit 101. Idempotent: a provider already installed stays.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// Checks `database.url` the way the connection will read it: a URL, a PostgreSQL scheme,

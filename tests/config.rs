@@ -607,3 +607,31 @@ fn an_unknown_database_url_parameter_never_echoes_a_secret() {
         output_text(&out)
     );
 }
+
+/// `options=-c statement_timeout=0` (or `options[lock_timeout]=0`) in `database.url` must
+/// not switch off the daemon's own timeouts: they are what keep a black-holed or blocked
+/// statement from stalling the claimer.
+#[tokio::test]
+async fn database_url_options_cannot_override_the_daemons_timeouts() {
+    let db = TestDb::new().await;
+    for options in [
+        "options=-c%20statement_timeout%3D0%20-c%20lock_timeout%3D0",
+        "options[statement_timeout]=0&options[lock_timeout]=0",
+    ] {
+        let url = format!("{}?{options}", db.url);
+        let settings = load(None, &[("DATABASE_URL", &url)]).expect(options);
+        let pool = imprint_sync::db::pool(&settings.database).unwrap();
+        let (statement, lock): (String, String) = sqlx::query_as(
+            "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect(options);
+        assert_eq!(
+            (statement.as_str(), lock.as_str()),
+            ("30s", "5s"),
+            "{options}"
+        );
+        pool.close().await;
+    }
+}
