@@ -168,12 +168,50 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     Ok(pool_options(settings).connect_lazy_with(opts))
 }
 
-/// The pool of `migrate`: no statement or lock timeout, since a migration may scan a large
-/// table, and waits on the advisory lock while another replica migrates.
+/// How long one lock request of `migrate` may wait before it is withdrawn and made again.
+/// A waiting ALTER TABLE queues every later insert behind it: without this, a partner
+/// transaction left open stalled all of the partner's writes to the outbox.
+const MIGRATION_LOCK_TIMEOUT: &str = "3s";
+
+/// The pool of `migrate`: no statement timeout, since a migration may scan a large table;
+/// a short lock timeout, retried by [`migrate_waiting`].
 pub fn migration_pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     check_url_files(&settings.url)?;
-    let opts = connect_options(&settings.url)?.options(SERVER_KEEPALIVES);
+    let opts = connect_options(&settings.url)?
+        .options([("lock_timeout", MIGRATION_LOCK_TIMEOUT)])
+        .options(SERVER_KEEPALIVES);
     Ok(pool_options(settings).connect_lazy_with(opts))
+}
+
+/// `imprint-sync migrate`: applies the migrations, trying again (on a fresh connection)
+/// whenever a lock was not granted in time: a table another transaction holds, or the
+/// advisory lock while another replica migrates. Every migration may run again from its
+/// start, so a try given up half way is finished by the next.
+pub async fn migrate_waiting(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let pool = migration_pool(settings)?;
+        let result = migrate(&pool).await;
+        pool.close().await;
+        match result {
+            Err(e) if lock_not_granted(&e) => {
+                tracing::warn!(
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "a migration waited longer than {MIGRATION_LOCK_TIMEOUT} for a lock (an open transaction on the table, or another replica migrating); trying again"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A lock not granted within `lock_timeout` (55P03).
+fn lock_not_granted(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<sqlx::Error>())
+        .any(|s| s.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03"))
 }
 
 fn pool_options(settings: &DatabaseSettings) -> PgPoolOptions {
