@@ -137,6 +137,10 @@ impl std::fmt::Debug for DatabaseSettings {
 /// Least margin between the request timeout and the lease: a live worker never loses its lease.
 pub const LEASE_MARGIN_MS: u64 = 5_000;
 
+/// Lowest `rate_limit.requests_per_second` accepted: the limiter's floor, below which a
+/// smaller value was silently raised to it.
+pub const MIN_REQUESTS_PER_SECOND: f64 = 0.001;
+
 /// Highest `rate_limit.requests_per_second` accepted.
 pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 
@@ -264,10 +268,13 @@ impl Settings {
             }
         }
         let rps = self.rate_limit.requests_per_second;
-        if !(rps.is_finite() && rps > 0.0 && rps <= MAX_REQUESTS_PER_SECOND) {
+        if !(rps.is_finite() && (MIN_REQUESTS_PER_SECOND..=MAX_REQUESTS_PER_SECOND).contains(&rps))
+        {
             return Err(ConfigError::new(
                 "rate_limit.requests_per_second",
-                format!("must be a number greater than 0 and at most {MAX_REQUESTS_PER_SECOND}"),
+                format!(
+                    "must be a number from {MIN_REQUESTS_PER_SECOND} to {MAX_REQUESTS_PER_SECOND}"
+                ),
             ));
         }
         if self.sync.backoff_max_ms < self.sync.backoff_base_ms {
@@ -300,6 +307,7 @@ impl Settings {
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::new("log.level", "must not be empty"));
         }
+        check_log_level(&self.log.level)?;
         if let Some(key) = &self.api.key
             && key.expose_secret().trim().is_empty()
         {
@@ -520,6 +528,29 @@ fn is_password_param(name: &str) -> bool {
         .next()
         .map_or_else(|| name.to_owned(), |(k, _)| k.into_owned());
     name.eq_ignore_ascii_case("password")
+}
+
+/// `log.level` must be a filter whose every part names a level (`info`) or a target and a
+/// level (`imprint_sync=debug`). A bare word is a valid directive too, meaning "everything
+/// of the target so named": a misspelt `inof` would switch off every log line.
+fn check_log_level(level: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for part in level.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let named = part.rsplit_once('=').map_or(part, |(_, l)| l);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(named.trim())) {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "`{}` is not a level ({}) nor target=level",
+                    part.chars().take(40).collect::<String>(),
+                    LEVELS.join(", ")
+                ),
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new("log.level", format!("not a log filter: {e}")))
 }
 
 /// A secret sent in an HTTP header must be visible ASCII: no space, newline or control

@@ -635,3 +635,34 @@ async fn database_url_options_cannot_override_the_daemons_timeouts() {
         pool.close().await;
     }
 }
+
+/// A misspelt `log.level` (`inof`) is a valid tracing directive meaning "everything of the
+/// target `inof`": the daemon ran logging nothing at all. And a rate below the limiter's
+/// floor (0.001/s) was silently raised to it. Both exit 64 naming the key (adversarial review).
+#[test]
+fn a_misspelt_log_level_or_a_rate_below_the_floor_exits_64() {
+    for (var, value, key) in [
+        ("IMPRINT_SYNC__LOG__LEVEL", "inof", "log.level"),
+        (
+            "IMPRINT_SYNC__LOG__LEVEL",
+            "info,imprint_sync=verbose",
+            "log.level",
+        ),
+        (
+            "IMPRINT_SYNC__RATE_LIMIT__REQUESTS_PER_SECOND",
+            "1e-300",
+            "rate_limit.requests_per_second",
+        ),
+    ] {
+        let out = check_config(&[(var, value)]);
+        assert_config_error(&out, key, value);
+    }
+    for level in [
+        "warn",
+        "INFO",
+        "info,imprint_sync=debug",
+        "imprint_sync::engine=trace",
+    ] {
+        assert_ok(&check_config(&[("IMPRINT_SYNC__LOG__LEVEL", level)]), level);
+    }
+}
