@@ -92,6 +92,18 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
             format!("scheme `{}` is not postgres or postgresql", parsed.scheme()),
         ));
     }
+    // libpq's host lists (`h1,h2:5432`) are not something sqlx reads: it looked the whole
+    // list up as one name, failing every connection as if DNS were down (retried for ever).
+    let host_list = parsed.host_str().is_some_and(|h| h.contains(','))
+        || parsed
+            .query_pairs()
+            .any(|(k, v)| matches!(&*k, "host" | "hostaddr" | "port") && v.contains(','));
+    if host_list {
+        return Err(ConfigError::new(
+            URL_KEY,
+            "lists several hosts or ports; name one (a failover address or a pooler in front)",
+        ));
+    }
     // The raw pairs, not `query_pairs()`: whether a pair has a `=` decides if its name may
     // be shown.
     for raw in parsed

@@ -666,3 +666,15 @@ fn a_misspelt_log_level_or_a_rate_below_the_floor_exits_64() {
         assert_ok(&check_config(&[("IMPRINT_SYNC__LOG__LEVEL", level)]), level);
     }
 }
+
+/// A libpq host list (`h1,h2`) passed check-config, then every connection failed as a DNS
+/// lookup of the whole list: `status` exited 70 and `run` retried for ever.
+#[test]
+fn a_database_url_with_several_hosts_exits_64() {
+    for url in [
+        "postgres://app@db1.internal,db2.internal:5432/app",
+        "postgres://app@db1.internal:5432/app?host=db1.internal,db2.internal",
+    ] {
+        assert_config_error(&check_config(&[("DATABASE_URL", url)]), "database.url", url);
+    }
+}
