@@ -460,7 +460,7 @@ async fn migrate_waiting_for_a_lock_never_stalls_the_partners_inserts() {
         .await
         .unwrap();
 
-    let mut child = binary_command(&["migrate"], &[("DATABASE_URL", &db.url)])
+    let child = binary_command(&["migrate"], &[("DATABASE_URL", &db.url)])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
