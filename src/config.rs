@@ -193,6 +193,7 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with("IMPRINT_SYNC__"))
             .collect();
+        refuse_case_twins(prefixed.keys())?;
         builder = builder.add_source(
             Environment::with_prefix("IMPRINT_SYNC")
                 .prefix_separator("__")
@@ -551,6 +552,31 @@ fn check_log_level(level: &str) -> Result<(), ConfigError> {
     tracing_subscriber::EnvFilter::try_new(level)
         .map(|_| ())
         .map_err(|e| ConfigError::new("log.level", format!("not a log filter: {e}")))
+}
+
+/// Variable names are matched without regard to case, so `IMPRINT_SYNC__SYNC__BATCH_SIZE`
+/// and `IMPRINT_SYNC__sync__batch_size` set the same key, and which one won changed from run
+/// to run (a hash map's order). Two such names are refused; values are never shown.
+fn refuse_case_twins<'a>(names: impl Iterator<Item = &'a String>) -> Result<(), ConfigError> {
+    let mut seen: std::collections::HashMap<String, &String> = std::collections::HashMap::new();
+    for name in names {
+        let folded = name.to_ascii_lowercase();
+        if let Some(first) = seen.insert(folded.clone(), name) {
+            let key = folded
+                .trim_start_matches("imprint_sync__")
+                .replace("__", ".");
+            let (a, b) = if first < name {
+                (first, name)
+            } else {
+                (name, first)
+            };
+            return Err(ConfigError::new(
+                key,
+                format!("set twice in the environment, as {a} and {b}: keep one"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A secret sent in an HTTP header must be visible ASCII: no space, newline or control

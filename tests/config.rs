@@ -678,3 +678,21 @@ fn a_database_url_with_several_hosts_exits_64() {
         assert_config_error(&check_config(&[("DATABASE_URL", url)]), "database.url", url);
     }
 }
+
+/// Environment names are matched without regard to case: two spellings of one key made the
+/// value depend on a hash map's order, different from run to run. Refused, naming the key
+/// and both variables, never the values.
+#[test]
+fn one_key_set_twice_with_different_casing_exits_64() {
+    let out = check_config(&[
+        ("IMPRINT_SYNC__API__KEY", KEY),
+        ("IMPRINT_SYNC__api__key", "another-key-never-print"),
+    ]);
+    assert_config_error(&out, "api.key", "two casings");
+    let text = output_text(&out);
+    assert!(text.contains("IMPRINT_SYNC__api__key"), "{text}");
+    assert!(
+        !text.contains(KEY) && !text.contains("another-key"),
+        "{text}"
+    );
+}
