@@ -309,10 +309,18 @@ impl Settings {
             return Err(ConfigError::new("log.level", "must not be empty"));
         }
         check_log_level(&self.log.level)?;
-        if let Some(key) = &self.api.key
-            && key.expose_secret().trim().is_empty()
-        {
-            return Err(ConfigError::new("api.key", "is empty"));
+        // An empty merchant key (a secret's missing entry, mounted as "") was sent as an
+        // empty header on every request.
+        for (name, secret) in [
+            ("api.key", &self.api.key),
+            ("api.merchant_key", &self.api.merchant_key),
+        ] {
+            if secret
+                .as_ref()
+                .is_some_and(|s| s.expose_secret().trim().is_empty())
+            {
+                return Err(ConfigError::new(name, "is empty"));
+            }
         }
         // Both travel in an HTTP header: a newline or a control character would pass here and
         // fail every request at `run`.

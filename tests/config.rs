@@ -696,3 +696,11 @@ fn one_key_set_twice_with_different_casing_exits_64() {
         "{text}"
     );
 }
+
+/// An empty `api.merchant_key` (a secret's entry missing, mounted as "") passed, and every
+/// request carried an empty x-imprint-merchant-key header.
+#[test]
+fn an_empty_merchant_key_exits_64() {
+    let out = check_config(&[("IMPRINT_SYNC__API__MERCHANT_KEY", "")]);
+    assert_config_error(&out, "api.merchant_key", "empty merchant key");
+}
