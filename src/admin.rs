@@ -1,4 +1,5 @@
-//! The admin server: `GET /livez`, `GET /readyz`, `GET /metrics` (Prometheus text).
+//! The admin server: `GET /livez`, `GET /readyz`, `GET /metrics` (Prometheus text) and
+//! `GET /status` (the JSON of `imprint-sync status --json`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -52,6 +53,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             describe();
             register();
+            crate::reconcile::register_metrics();
             handle
         })
         .clone()
@@ -103,6 +105,21 @@ fn describe() {
         "imprint_sync_replicas_live",
         "Live replicas sharing the rate limit."
     );
+    describe_gauge!(
+        "imprint_sync_rate_limit_configured_rps",
+        "rate_limit.requests_per_second: the rate for the whole deployment."
+    );
+    describe_gauge!(
+        "imprint_sync_build_info",
+        "Always 1; the version label says which build runs."
+    );
+    process_collector().describe();
+}
+
+/// CPU, memory and open file descriptors of this process (`process_*`), read at each scrape.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
 /// The label values of `imprint_sync_rows_total{outcome}`.
@@ -122,10 +139,12 @@ fn register() {
     }
     let _ = metrics::histogram!("imprint_sync_http_request_duration_seconds");
     let _ = metrics::histogram!("imprint_sync_sync_lag_seconds");
+    metrics::gauge!("imprint_sync_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 #[derive(Clone)]
 struct AppState {
+    store: Store,
     health: Arc<Health>,
     traffic: Arc<Traffic>,
     metrics: PrometheusHandle,
@@ -150,6 +169,7 @@ pub async fn spawn(
     let bound = listener.local_addr()?;
     let poll = Duration::from_millis(settings.sync.poll_interval_ms);
     let state = AppState {
+        store: store.clone(),
         health,
         traffic,
         metrics: metrics_handle(),
@@ -158,12 +178,19 @@ pub async fn spawn(
             + Duration::from_secs(5),
         live_within: poll + Duration::from_millis(settings.sync.lease_ms) * 2,
     };
+    // After metrics_handle(): a gauge set before the recorder is installed is lost.
+    metrics::gauge!("imprint_sync_rate_limit_configured_rps")
+        .set(settings.rate_limit.requests_per_second);
     let app = Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/status", get(status_json))
         .with_state(state.clone());
-    tracing::info!(admin = %bound, "admin server listening (/livez, /readyz, /metrics)");
+    tracing::info!(
+        admin = %bound,
+        "admin server listening (/livez, /readyz, /metrics, /status)"
+    );
     let handle = tokio::spawn(async move {
         let gauges = tokio::spawn(refresh_gauges(store, state, shutdown.clone()));
         let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
@@ -215,6 +242,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
+    process_collector().collect();
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -223,6 +251,18 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// What `imprint-sync status --json` prints; 503 naming the error when the database fails.
+async fn status_json(State(s): State<AppState>) -> Response {
+    match s.store.status().await {
+        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": format!("reading the outbox status: {e}")})),
+        )
+            .into_response(),
+    }
 }
 
 /// The outbox gauges, from one cheap query every few seconds, and the traffic gauges.

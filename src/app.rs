@@ -16,8 +16,10 @@ pub mod exit {
     /// `run --once`: the API key was rejected (401/403), or the API redirected (3xx: a wrong
     /// `api.base_url`); or a command not built yet.
     pub const AUTH_OR_UNAVAILABLE: u8 = 2;
-    /// Bad configuration (EX_USAGE); the message names the key.
+    /// Bad configuration or a bad command line (EX_USAGE); the message names the key or flag.
     pub const CONFIG: u8 = 64;
+    /// Alias of [`CONFIG`] for command-line usage errors: the same sysexits code.
+    pub const USAGE: u8 = CONFIG;
     /// Any other error (EX_SOFTWARE); the message says what was being done.
     pub const ERROR: u8 = 70;
     /// `run --once` was stopped (SIGTERM/SIGINT) before the outbox was drained
@@ -28,6 +30,32 @@ pub mod exit {
 /// Runs the command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     let Cli { config, command } = cli;
+    if let Command::Run(args) = &command
+        && args.stray_filter()
+    {
+        eprintln!(
+            "imprint-sync: --code, --customer, --since and --ids choose rows to replay: \
+             use them with --replay-failed"
+        );
+        return ExitCode::from(exit::USAGE);
+    }
+    match &command {
+        // Neither needs a configuration: they describe the command line itself.
+        Command::Completions { shell } => {
+            crate::cli::completions(*shell, &mut std::io::stdout());
+            return ExitCode::from(exit::OK);
+        }
+        Command::Man => {
+            return match crate::cli::man(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) => {
+                    eprintln!("imprint-sync: writing the man page: {e}");
+                    ExitCode::from(exit::ERROR)
+                }
+            };
+        }
+        _ => {}
+    }
     if let Command::Sandbox(args) = command {
         // The sandbox needs no configuration of ours: it must start even with a broken one.
         telemetry::init(&LogSettings {
@@ -38,6 +66,7 @@ pub fn main(cli: Cli) -> ExitCode {
     }
     let needs = match &command {
         Command::Run(args) if !args.dry_run => Needs::ApiKey,
+        Command::Reconcile(_) => Needs::ApiKey,
         _ => Needs::Nothing,
     };
     let settings = match load_settings(config.as_deref(), needs) {
@@ -49,10 +78,11 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     let mut log = settings.log.clone();
     if matches!(command, Command::Demo(_)) {
-        // The demo talks to a person: readable, and quiet unless something is wrong.
+        // The demo talks to a person: readable, and quiet unless something is wrong. Per-row
+        // warnings (its invalid rows, on purpose) are counted in its summary instead.
         log = LogSettings {
             format: LogFormat::Pretty,
-            level: "warn".into(),
+            level: "warn,imprint_sync::engine=error".into(),
         };
     }
     telemetry::init(&log);
@@ -75,11 +105,11 @@ fn block_on(command: impl Future<Output = anyhow::Result<u8>>) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if let Some(config) = config_error(&e) {
-                tracing::error!(error = %config, "imprint-sync failed");
                 eprintln!("imprint-sync: {config}");
                 return ExitCode::from(exit::CONFIG);
             }
-            tracing::error!(error = format!("{e:#}"), "imprint-sync failed");
+            // Once, as plain text: the last word of a process is read by a person (a JSON log
+            // collector keeps the line as it is).
             eprintln!("imprint-sync: {e:#}");
             ExitCode::from(exit::ERROR)
         }
@@ -115,9 +145,19 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
         }
         Command::Run(args) => crate::run::run(settings, args).await,
         Command::Sandbox(_) => unreachable!("the sandbox runs before the configuration is loaded"),
-        Command::Status { json } => crate::status::status(&settings, json)
+        Command::Status(args) => crate::status::status(&settings, &args).await,
+        Command::Failed(args) => crate::inspect::failed(&settings, &args)
             .await
             .map(|()| exit::OK),
+        Command::History { customer_id, json } => {
+            crate::inspect::history(&settings, &customer_id, json)
+                .await
+                .map(|()| exit::OK)
+        }
         Command::Demo(args) => crate::demo::demo(&settings, args).await,
+        Command::Completions { .. } | Command::Man => {
+            unreachable!("answered before the configuration is loaded")
+        }
+        Command::Reconcile(args) => crate::reconcile::command::reconcile(settings, args).await,
     }
 }

@@ -24,8 +24,14 @@ pub enum Command {
     /// Apply the database migrations and exit.
     Migrate,
     /// Counts by state, oldest pending age, failures by error code, last sync time.
-    Status {
-        /// One JSON object instead of a table.
+    Status(StatusArgs),
+    /// Failed rows (dead letters), newest first: id, customer, error code and message.
+    Failed(FailedArgs),
+    /// One customer's story: its outbox rows, its attempts and its sync state.
+    History {
+        /// The customer's id (Imprint's UUID, as in the outbox).
+        customer_id: String,
+        /// One JSON object instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -35,6 +41,112 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// A first run: throwaway database, in-process sandbox, seeded changes, a summary.
     Demo(DemoArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `imprint-sync man > imprint-sync.1`.
+    Man,
+    /// Compare Imprint's copy of customers with the partner's newest synced profile (exit 0:
+    /// all in step; 1: drift or missing found; 2: the key was rejected).
+    Reconcile(ReconcileArgs),
+}
+
+/// Which failed rows a command works on. Every given filter must hold; a repeated filter
+/// matches any of its values.
+#[derive(Debug, Args, Clone, Default, PartialEq)]
+pub struct FailedFilter {
+    /// Only rows failed with this error code (repeatable), e.g. CUSTOMER_NOT_FOUND_ERROR.
+    #[arg(long = "code", value_name = "CODE")]
+    pub codes: Vec<String>,
+    /// Only rows of this customer (repeatable).
+    #[arg(long = "customer", value_name = "ID")]
+    pub customers: Vec<String>,
+    /// Only rows that failed within this long, e.g. 90s, 30m, 6h, 2d.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<std::time::Duration>,
+}
+
+impl FailedFilter {
+    /// True when no filter is given.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A duration as operators type it: a whole number and a unit (s, m, h or d).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit, e.g. 30m"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(unit_secs)))
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct FailedArgs {
+    #[command(flatten)]
+    pub filter: FailedFilter,
+    /// Show at most this many rows (the total still counts every match).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct StatusArgs {
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 0 when every given threshold holds, 1 naming each breach (cron, monit, probes).
+    #[arg(long)]
+    pub check: bool,
+    /// With --check: the oldest pending row may be at most this old (seconds).
+    #[arg(long, value_name = "SECONDS", requires = "check")]
+    pub max_oldest_pending: Option<f64>,
+    /// With --check: at most this many failed rows.
+    #[arg(long, value_name = "N", requires = "check")]
+    pub max_failed: Option<i64>,
+    /// With --check: at least this many live replicas.
+    #[arg(long, value_name = "N", requires = "check")]
+    pub min_replicas: Option<usize>,
+    /// Redraw the table every SECONDS (default 2) until interrupted.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
+          conflicts_with_all = ["check", "json"])]
+    pub watch: Option<u64>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct ReconcileArgs {
+    /// Check this customer (Imprint's id); repeatable. Default: every customer, least
+    /// recently checked first.
+    #[arg(long, value_name = "ID")]
+    pub customer: Vec<String>,
+    /// Check at most N customers.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Only customers synced within this long: 90s, 15m, 24h, 7d.
+    #[arg(long, value_name = "DURATION")]
+    pub since: Option<String>,
+    /// Enqueue an outbox row with the partner's newest profile for each drifted customer.
+    #[arg(long)]
+    pub repair: bool,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -45,9 +157,24 @@ pub struct RunArgs {
     /// First put failed rows back to pending (newest per customer), then run.
     #[arg(long)]
     pub replay_failed: bool,
-    /// Map and validate due rows, print what would be sent; change and send nothing.
-    #[arg(long, conflicts_with = "replay_failed")]
+    /// Map and validate due rows, print what would be sent; change and send nothing. With
+    /// --replay-failed: list the rows that would be put back.
+    #[arg(long)]
     pub dry_run: bool,
+    /// With --replay-failed: which customers' failed rows go back (their newest failed row
+    /// must match).
+    #[command(flatten)]
+    pub filter: FailedFilter,
+    /// With --replay-failed: only these outbox ids, e.g. 12,15,40.
+    #[arg(long, value_name = "ID,...", value_delimiter = ',')]
+    pub ids: Vec<i64>,
+}
+
+impl RunArgs {
+    /// The replay filters were given without --replay-failed (they would do nothing).
+    pub fn stray_filter(&self) -> bool {
+        !self.replay_failed && (!self.filter.is_empty() || !self.ids.is_empty())
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -77,4 +204,29 @@ pub struct DemoArgs {
     /// Keep the throwaway database instead of dropping it.
     #[arg(long)]
     pub keep: bool,
+}
+
+/// Writes the completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "imprint-sync", out);
+}
+
+/// Writes the man page (roff): the options and the list of subcommands.
+pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(out)
+}
+
+/// Parses the command line; a usage error exits 64 (EX_USAGE), never clap's 2, which means
+/// "the API key was rejected" here. `--help` and `--version` print and exit 0.
+pub fn parse() -> Result<Cli, std::process::ExitCode> {
+    use clap::Parser;
+    Cli::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            std::process::ExitCode::from(crate::app::exit::USAGE)
+        } else {
+            std::process::ExitCode::SUCCESS
+        }
+    })
 }

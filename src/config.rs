@@ -39,6 +39,7 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub log: LogSettings,
     pub privacy: PrivacySettings,
+    pub reconcile: ReconcileSettings,
 }
 
 #[derive(Clone, Deserialize, Serialize)]
@@ -121,6 +122,59 @@ pub struct LogSettings {
 #[serde(deny_unknown_fields)]
 pub struct PrivacySettings {
     pub store_sensitive_response_fields: bool,
+}
+
+/// `[reconcile]`: the continuous sweep inside `run`, and the share of the rate that
+/// reconciliation reads may take (the sweep and `imprint-sync reconcile` alike).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// How often the sweep in `run` takes its next customers (ms); 0 turns the sweep off.
+    pub interval_ms: u64,
+    /// Every customer is checked about once per this period (hours).
+    pub period_hours: f64,
+    /// Customers per tick; 0 derives the amount from the period and the customer count.
+    pub customers_per_tick: u32,
+    /// The largest share of `rate_limit.requests_per_second` that reconciliation reads take.
+    pub max_share: f64,
+}
+
+impl ReconcileSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let hours = self.period_hours;
+        if !(hours.is_finite() && hours > 0.0 && hours <= 8_760.0) {
+            return Err(ConfigError::new(
+                "reconcile.period_hours",
+                "must be a number of hours greater than 0 and at most 8760 (a year)",
+            ));
+        }
+        // Above these a value is a unit mistake (as the other sections' upper bounds).
+        if self.interval_ms > 3_600_000 {
+            return Err(ConfigError::new(
+                "reconcile.interval_ms",
+                "must be at most 3600000",
+            ));
+        }
+        if self.customers_per_tick > 1_000_000 {
+            return Err(ConfigError::new(
+                "reconcile.customers_per_tick",
+                "must be at most 1000000",
+            ));
+        }
+        let share = self.max_share;
+        if !(share.is_finite() && share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::new(
+                "reconcile.max_share",
+                "must be a share of the rate above 0 and at most 1 (e.g. 0.2)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The period as a duration.
+    pub fn period(&self) -> Duration {
+        Duration::from_secs_f64(self.period_hours * 3_600.0)
+    }
 }
 
 impl std::fmt::Debug for DatabaseSettings {
@@ -305,6 +359,7 @@ impl Settings {
                 ),
             ));
         }
+        self.reconcile.validate()?;
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::new("log.level", "must not be empty"));
         }

@@ -259,6 +259,27 @@ pub fn config_error(e: &anyhow::Error) -> Option<ConfigError> {
         })
 }
 
+/// A pool for a one-shot command (`status`, `failed`, `history`): connects now, so a
+/// database that is down is named with the real error (refused, unknown host, bad password)
+/// rather than a pool timeout behind a query.
+pub async fn connect_now(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    // One plain connection first: a pool retries until its timeout and then reports only
+    // that it timed out. The certificate files first, so a missing one exits 64 here too.
+    check_url_files(&settings.url)?;
+    let conn = connect_options(&settings.url)?
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the database at {} (database.url)",
+                crate::config::redact_database_url(&settings.url)
+            )
+        })?;
+    // The probe has done its work; a one-shot command's queries go through the pool.
+    let _ = sqlx::Connection::close(conn).await;
+    pool(settings)
+}
+
 /// The database is away or busy, not refusing the data: connection failures (08), a server
 /// starting up or shutting down, or a statement cancelled by `statement_timeout` (57),
 /// resources (53), a rolled-back transaction (40), a lock not granted within `lock_timeout`

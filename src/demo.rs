@@ -74,8 +74,12 @@ async fn run_demo(
     );
     let seeded = seed(&pool, args.rows).await?;
     println!(
-        "  seeded {} profile changes for {} customers ({} invalid on purpose)",
-        seeded.rows, seeded.customers, seeded.invalid
+        "  seeded {} profile changes for {} customers: {} are newer versions of a customer \
+         (the older ones get superseded), {} carry an invalid field on purpose",
+        seeded.rows,
+        seeded.customers,
+        seeded.rows.saturating_sub(seeded.customers),
+        seeded.invalid.len()
     );
 
     let mut demo_settings = settings.clone();
@@ -111,7 +115,7 @@ async fn run_demo(
     let _ = ticker.await;
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    print_summary(&store, &summary, seeded.rows, elapsed, &sandbox.stats()).await?;
+    print_summary(&store, &summary, &seeded, elapsed, &sandbox.stats()).await?;
     print_states(&pool).await?;
     pool.close().await;
     Ok(crate::app::exit::OK)
@@ -120,7 +124,8 @@ async fn run_demo(
 struct Seeded {
     rows: u64,
     customers: u64,
-    invalid: u64,
+    /// Ids of the rows invalid on purpose (a fresh database: ids are 1..=rows, in order).
+    invalid: Vec<i64>,
 }
 
 /// Seeds realistic profile changes in one statement: ~60 % of rows start a customer, the
@@ -168,9 +173,9 @@ ORDER BY n
     Ok(Seeded {
         rows: r.rows_affected(),
         customers,
-        invalid: (1..=u64::from(rows))
+        invalid: (1..=i64::from(rows))
             .filter(|n| matches!(n % 200, 3 | 53 | 103 | 153))
-            .count() as u64,
+            .collect(),
     })
 }
 
@@ -197,32 +202,48 @@ async fn track(store: Store, bar: ProgressBar, stop: CancellationToken) {
     }
 }
 
+/// The summary: every seeded row is counted once, as synced, superseded or failed; the rows
+/// invalid on purpose are either superseded (a newer valid version came) or failed.
 async fn print_summary(
     store: &Store,
     s: &Summary,
-    rows: u64,
+    seeded: &Seeded,
     elapsed: Duration,
     api: &sandbox::Stats,
 ) -> anyhow::Result<()> {
     let status = store.status().await?;
+    let count = |state: &str| status.counts.get(state).copied().unwrap_or(0);
+    // The others are the failed `invalid_profile` rows, listed under failed.
+    let invalid_superseded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM imprint_sync.customer_outbox
+         WHERE id = ANY($1) AND sync_status = 'superseded'",
+    )
+    .bind(&seeded.invalid)
+    .fetch_one(store.pool())
+    .await?;
     let secs = elapsed.as_secs_f64();
     println!();
-    println!("  {:<34} {:>8}", "rows seeded", rows);
-    println!("  {:<34} {:>8}", "synced", s.synced);
+    println!("  {:<34} {:>8}", "rows seeded", seeded.rows);
+    println!("  {:<34} {:>8}", "synced", count("synced"));
     println!(
         "  {:<34} {:>8}",
         "superseded (older versions)",
-        status.counts.get("superseded").copied().unwrap_or(0)
+        count("superseded")
     );
     println!(
-        "  {:<34} {:>8}",
-        "failed",
-        status.counts.get("failed").copied().unwrap_or(0)
+        "    {:<32} {:>8}",
+        "of them invalid on purpose", invalid_superseded
     );
+    println!("  {:<34} {:>8}", "failed", count("failed"));
     for (code, n) in &status.failed_by_error_code {
         println!("    {code:<32} {n:>8}");
     }
-    println!("  {:<34} {:>8}", "retries (500s, later synced)", s.retried);
+    println!(
+        "  {:<34} {:>8}",
+        "synced + superseded + failed",
+        count("synced") + count("superseded") + count("failed")
+    );
+    println!("  {:<34} {:>8}", "retries (500s, then synced)", s.retried);
     println!(
         "  {:<34} {:>8}",
         "answered 429 (slowed, retried)", s.rate_limited
@@ -231,7 +252,11 @@ async fn print_summary(
         "  {:<34} {:>8}",
         "requests the API received", api.requests_total
     );
-    println!("  {:<34} {:>8.0}", "rows/s", rows as f64 / secs.max(0.001));
+    println!(
+        "  {:<34} {:>8.0}",
+        "rows/s",
+        seeded.rows as f64 / secs.max(0.001)
+    );
     println!("  {:<34} {:>7.2}s", "elapsed", secs);
     Ok(())
 }

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = imprint_sync::cli::Cli::parse();
-    imprint_sync::app::main(cli)
+    match imprint_sync::cli::parse() {
+        Ok(cli) => imprint_sync::app::main(cli),
+        Err(code) => code,
+    }
 }

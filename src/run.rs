@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::engine::shutdown::{self, Backoff};
 use crate::engine::{Engine, EngineSettings, Health, RunMode, Summary};
 use crate::imprint::Client;
+use crate::outbox::dead_letters::Binds;
 use crate::outbox::store::Store;
 use crate::traffic::Traffic;
 use crate::{db, profile};
@@ -24,12 +25,16 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     }
     let worker_id = crate::engine::worker_id();
     let store = Store::new(pool.clone(), worker_id.clone());
+    let replay = Binds::new(&args.filter, &args.ids);
+    if args.dry_run && args.replay_failed {
+        return replay_dry_run(&store, &replay).await;
+    }
     if args.dry_run {
         return dry_run(&store, settings.sync.batch_size.max(1_000)).await;
     }
     if args.replay_failed {
         let r = store
-            .replay_failed()
+            .replay_failed(&replay)
             .await
             .context("replaying failed rows")?;
         println!(
@@ -39,19 +44,32 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
         tracing::info!(
             replayed = r.replayed,
             superseded = r.superseded,
+            filtered = !args.filter.is_empty() || !args.ids.is_empty(),
             "replayed failed rows"
         );
     }
     let client = Client::from_settings(&settings)?;
     let traffic = Traffic::new(&settings);
     let engine = Engine::with_mode(
-        pool,
-        client,
+        pool.clone(),
+        client.clone(),
         traffic.clone(),
         EngineSettings::from_settings(&settings),
         worker_id.clone(),
         RunMode { once: args.once },
     );
+    let sweep = if args.once {
+        None
+    } else {
+        crate::reconcile::sweep::spawn(
+            &settings,
+            pool,
+            client,
+            traffic.clone(),
+            engine.health(),
+            shutdown.clone(),
+        )
+    };
     let (_, admin) = crate::admin::spawn(
         &settings,
         engine.store().clone(),
@@ -65,6 +83,9 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     let summary = engine.run(shutdown.clone()).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
+    if let Some(sweep) = sweep {
+        let _ = sweep.await;
+    }
     let _ = admin.await;
     report(&summary, args.once);
     Ok(exit_code(&summary, args.once))
@@ -140,6 +161,20 @@ async fn wait_for_schema(pool: &PgPool, stop: &CancellationToken) -> anyhow::Res
             }
         }
     }
+}
+
+/// `run --replay-failed --dry-run`: the rows a replay with these filters would put back.
+async fn replay_dry_run(store: &Store, filter: &Binds) -> anyhow::Result<u8> {
+    let (rows, superseded) = store
+        .replay_plan(filter)
+        .await
+        .context("reading the failed rows a replay would take")?;
+    print!("{}", crate::inspect::dead_letter_table(&rows));
+    println!(
+        "replay dry run: {} failed rows would go back to pending; {superseded} older failed rows would be superseded. Nothing was changed.",
+        rows.len()
+    );
+    Ok(exit::OK)
 }
 
 /// `run --dry-run`: what would be sent for the due rows, personal values redacted.

@@ -101,6 +101,17 @@ fn deployed_objects() -> Vec<(String, Value)> {
     out
 }
 
+/// The one object the kustomization takes from `file`.
+fn from_file(objects: &[(String, Value)], file: &str) -> Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|(f, _)| f == file)
+        .map(|(_, o)| o)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one object from {file}");
+    found[0].clone()
+}
+
 fn one_of_kind(objects: &[(String, Value)], kind: &str) -> Value {
     let found: Vec<&Value> = objects
         .iter()
@@ -346,17 +357,9 @@ fn kustomization_lists_existing_files_and_keeps_secrets_and_jobs_out() {
         }
     }
     // Applying the kustomization must never overwrite real credentials with placeholders,
-    // and must never hold an immutable Job template.
-    for kept_out in ["secret.example.yaml", "replay-failed-job.yaml"] {
-        assert!(
-            repo(&format!("{K8S}/{kept_out}")).is_file(),
-            "{kept_out} exists"
-        );
-        assert!(
-            !k.resources.iter().any(|r| r == kept_out),
-            "{kept_out} is not a resource"
-        );
-    }
+    // and must never hold an immutable Job template (replays are a suspended CronJob).
+    assert!(repo(&format!("{K8S}/secret.example.yaml")).is_file());
+    assert!(!k.resources.iter().any(|r| r == "secret.example.yaml"));
     let objects = deployed_objects();
     for (file, o) in &objects {
         assert_ne!(
@@ -377,7 +380,7 @@ fn kustomization_lists_existing_files_and_keeps_secrets_and_jobs_out() {
             assert!(
                 name == "kustomization.yaml"
                     || k.resources.contains(&name)
-                    || ["secret.example.yaml", "replay-failed-job.yaml"].contains(&name.as_str()),
+                    || name == "secret.example.yaml",
                 "{name} is neither listed in kustomization.yaml nor documented as kept out"
             );
         }
@@ -522,6 +525,8 @@ fn pdb_and_service_select_the_daemon_pods() {
     let pdb = one_of_kind(&objects, "PodDisruptionBudget");
     assert_eq!(s(&pdb, "apiVersion"), "policy/v1");
     assert_eq!(at(&pdb, "spec.minAvailable").as_i64(), Some(1));
+    // Unready pods (database down, key rejected) must not block a node drain.
+    assert_eq!(s(&pdb, "spec.unhealthyPodEvictionPolicy"), "AlwaysAllow");
     assert!(
         selects(at(&pdb, "spec.selector.matchLabels")),
         "the PDB covers the pods"
@@ -536,22 +541,37 @@ fn pdb_and_service_select_the_daemon_pods() {
     assert_eq!(s(at(&svc, "spec.ports.0"), "targetPort"), "admin");
 }
 
-#[test]
-fn replay_job_replays_once_with_the_pinned_image() {
-    let k = kustomization();
-    let job = only_doc(&format!("{K8S}/replay-failed-job.yaml"));
-    assert_eq!(s(&job, "kind"), "Job");
-    assert_eq!(s(&job, "apiVersion"), "batch/v1");
-    assert!(
-        !s(&job, "metadata.generateName").is_empty(),
-        "generateName, so `kubectl create` makes a fresh Job each time"
-    );
+/// A Job spec that runs once (no retry: a replay would replay twice, a reconcile exit 1 reports
+/// drift) in a hardened pod; returns the pod spec and its container.
+fn one_shot_pod(job_spec: &Value) -> (&Value, &Value) {
     assert_eq!(
-        at(&job, "spec.backoffLimit").as_i64(),
+        at(job_spec, "backoffLimit").as_i64(),
+        Some(0),
+        "never run twice"
+    );
+    let pod = at(job_spec, "template.spec");
+    assert_eq!(s(pod, "restartPolicy"), "Never");
+    assert_pod_hardened(pod);
+    let c = &seq(pod, "containers")[0];
+    assert_container_hardened(c);
+    (pod, c)
+}
+
+#[test]
+fn replay_cronjob_is_suspended_in_the_kustomization_and_replays_once() {
+    let objects = deployed_objects();
+    let cron = from_file(&objects, "replay-failed-cronjob.yaml");
+    assert_eq!(s(&cron, "apiVersion"), "batch/v1");
+    // Never fires by itself: a replay is made from it with `kubectl create job --from=...`.
+    assert_eq!(at(&cron, "spec.suspend").as_bool(), Some(true));
+    assert_eq!(s(&cron, "spec.concurrencyPolicy"), "Forbid");
+    let job = at(&cron, "spec.jobTemplate.spec");
+    assert_eq!(
+        at(job, "backoffLimit").as_i64(),
         Some(0),
         "never replay twice"
     );
-    let pod = at(&job, "spec.template.spec");
+    let pod = at(job, "template.spec");
     assert_eq!(s(pod, "restartPolicy"), "Never");
     assert_pod_hardened(pod);
     let c = &seq(pod, "containers")[0];
@@ -566,27 +586,72 @@ fn replay_job_replays_once_with_the_pinned_image() {
     assert_eq!(tail, ["run", "--replay-failed", "--once"]);
     match parse_cli(&args).command {
         Cmd::Run(run) => assert!(run.replay_failed && run.once && !run.dry_run),
-        other => panic!("the Job must run `run --replay-failed --once`, not {other:?}"),
+        other => panic!("the CronJob must run `run --replay-failed --once`, not {other:?}"),
     }
-    let (_, pinned) = pinned_image(&k.kustomization);
-    assert_eq!(
-        s(c, "image"),
-        pinned,
-        "keep the Job's image in step with kustomization.yaml"
-    );
+    // The kustomization's image pin applies: the same image name as the Deployment's.
+    let (name, _) = pinned_image(&kustomization().kustomization);
+    assert_eq!(s(c, "image"), name);
+    // The filtered example in the file's comment parses as a replay.
+    let text = read(&format!("{K8S}/replay-failed-cronjob.yaml"));
+    assert!(text.contains("create job --from=cronjob/imprint-sync-replay-failed"));
+    let mut filtered = args.clone();
+    filtered.extend(["--code".into(), "CUSTOMER_NOT_FOUND_ERROR".into()]);
+    assert!(text.contains(r#"args += ["--code", "CUSTOMER_NOT_FOUND_ERROR"]"#));
+    match parse_cli(&filtered).command {
+        Cmd::Run(run) => assert_eq!(run.filter.codes, ["CUSTOMER_NOT_FOUND_ERROR"]),
+        other => panic!("{other:?}"),
+    }
 
     // Replaying sends requests: the same config, key file and daemon role as the Deployment.
-    let configmap = one_of_kind(&deployed_objects(), "ConfigMap");
+    let configmap = one_of_kind(&objects, "ConfigMap");
     let settings = load_pod_config(&configmap, pod, c);
     settings
         .require(Needs::ApiKey)
         .expect("the Job has an API key");
     assert!(settings.database.url.contains("imprint_sync_daemon"));
     // Not selected by the PDB or the Service (it is not a daemon replica).
-    let component = at(&job, "spec.template.metadata.labels")
+    let component = at(job, "template.metadata.labels")
         .get("app.kubernetes.io/component")
         .and_then(Value::as_str);
     assert_eq!(component, Some("replay-failed"));
+}
+
+/// The monitoring component: a ServiceMonitor on the admin Service's port, and a
+/// PrometheusRule whose groups are deploy/monitoring/rules.yaml's.
+#[test]
+fn monitoring_component_scrapes_the_admin_port_and_carries_the_rules_file() {
+    let dir = format!("{K8S}/monitoring");
+    let k = only_doc(&format!("{dir}/kustomization.yaml"));
+    assert_eq!(s(&k, "kind"), "Component");
+    let files = strings(&k, "resources");
+    let objects: Vec<Value> = files
+        .iter()
+        .flat_map(|f| yaml_docs(&format!("{dir}/{f}")))
+        .collect();
+    let of_kind = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| s(o, "kind") == kind)
+            .unwrap_or_else(|| panic!("no {kind} in the component"))
+    };
+    let monitor = of_kind("ServiceMonitor");
+    let svc = one_of_kind(&deployed_objects(), "Service");
+    let svc_labels = at(&svc, "metadata.labels").as_mapping().unwrap();
+    let wanted = at(monitor, "spec.selector.matchLabels")
+        .as_mapping()
+        .unwrap();
+    assert!(wanted.iter().all(|(k, v)| svc_labels.get(k) == Some(v)));
+    let endpoint = &seq(monitor, "spec.endpoints")[0];
+    assert_eq!(s(endpoint, "port"), s(at(&svc, "spec.ports.0"), "name"));
+    assert_eq!(s(endpoint, "path"), "/metrics");
+
+    let rule = of_kind("PrometheusRule");
+    let rules = only_doc("deploy/monitoring/rules.yaml");
+    assert_eq!(
+        at(rule, "spec.groups"),
+        at(&rules, "groups"),
+        "regenerate: deploy/monitoring/prometheusrule.sh > {dir}/prometheusrule.yaml"
+    );
 }
 
 #[test]
@@ -620,19 +685,58 @@ fn kustomize_renders_where_kubectl_exists() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (_, pinned) = pinned_image(&kustomization().kustomization);
-    // The init container and the daemon both get the pinned image.
+    // The init container, the daemon, the replay and the reconcile CronJobs get the pinned image.
     assert_eq!(
         stdout.matches(&format!("image: {pinned}")).count(),
-        2,
+        4,
         "{stdout}"
     );
     let rendered: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
         .map(|d| Value::deserialize(d).unwrap())
         .collect();
     let kinds: Vec<&str> = rendered.iter().map(|o| s(o, "kind")).collect();
-    for kind in ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"] {
+    for kind in [
+        "ConfigMap",
+        "CronJob",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+    ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
+}
+
+#[test]
+fn reconcile_cronjob_repairs_nightly_as_the_daemon_role() {
+    let objects = deployed_objects();
+    let cron = from_file(&objects, "reconcile-cronjob.yaml");
+    assert!(!s(&cron, "spec.schedule").is_empty());
+    assert_eq!(s(&cron, "spec.concurrencyPolicy"), "Forbid");
+    let (pod, c) = one_shot_pod(at(&cron, "spec.jobTemplate.spec"));
+    match parse_cli(&strings(c, "args")).command {
+        Cmd::Reconcile(r) => assert!(r.repair && r.customer.is_empty() && r.limit.is_none()),
+        other => panic!("the CronJob must run `reconcile --repair`, not {other:?}"),
+    }
+    let (image_name, _) = pinned_image(&kustomization().kustomization);
+    assert_eq!(
+        s(c, "image"),
+        image_name,
+        "the image is set by the kustomization"
+    );
+    let configmap = one_of_kind(&objects, "ConfigMap");
+    let settings = load_pod_config(&configmap, pod, c);
+    settings
+        .require(Needs::ApiKey)
+        .expect("the CronJob has an API key");
+    assert!(settings.database.url.contains("imprint_sync_daemon"));
+    let component = at(&cron, "spec.jobTemplate.spec.template.metadata.labels")
+        .get("app.kubernetes.io/component")
+        .and_then(Value::as_str);
+    assert_eq!(
+        component,
+        Some("reconcile"),
+        "not selected as a daemon replica"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -805,17 +909,57 @@ fn systemd_unit_notifies_restarts_sanely_and_is_hardened() {
     assert_eq!(filters[0], "@system-service");
 }
 
+/// The migration's guard: with MIGRATOR_DATABASE_URL empty, the first ExecStartPre exits 64
+/// naming the variable, before `migrate` could fall back to the built-in default database.
+#[test]
+fn systemd_migration_refuses_an_empty_migrator_url() {
+    let d = unit_directives(&read(UNIT));
+    let pres = &d[&("Service".to_owned(), "ExecStartPre".to_owned())];
+    assert_eq!(pres.len(), 2, "the guard, then migrate: {pres:?}");
+    let guard = pres[0]
+        .strip_prefix("/bin/sh -c '")
+        .and_then(|g| g.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("the guard is one sh -c '...': {}", pres[0]));
+    // systemd turns $$ into $ before the shell sees it.
+    let script = guard.replace("$$", "$");
+    let run = |url: &str| {
+        Command::new("/bin/sh")
+            .args(["-c", &script])
+            .env_clear()
+            .env("MIGRATOR_DATABASE_URL", url)
+            .output()
+            .expect("running the guard")
+    };
+    let empty = run("");
+    assert_eq!(empty.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("MIGRATOR_DATABASE_URL is empty"));
+    let set = run("postgres://imprint_sync_migrator@db/partner");
+    assert_eq!(set.status.code(), Some(0), "{set:?}");
+    assert!(pres[1].contains("DATABASE_URL=${MIGRATOR_DATABASE_URL}"));
+}
+
 /// Runs `systemd-analyze verify` on a copy of `unit_text` whose binary path points at the
 /// test's own build of the binary (verify insists that ExecStart's file exists).
 /// Returns the problems it reported about our unit, or None where systemd-analyze is absent.
 fn systemd_verify(unit_text: &str) -> Option<Vec<String>> {
+    systemd_verify_units(&[("imprint-sync.service", unit_text)])
+}
+
+/// `systemd_verify` of several units side by side (a timer and its service), by file name.
+fn systemd_verify_units(units: &[(&str, &str)]) -> Option<Vec<String>> {
     let dir = tempfile::tempdir().unwrap();
-    let unit = dir.path().join("imprint-sync.service");
     let bin = env!("CARGO_BIN_EXE_imprint-sync");
-    std::fs::write(&unit, unit_text.replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+    let paths: Vec<PathBuf> = units
+        .iter()
+        .map(|(name, text)| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text.replace("/usr/local/bin/imprint-sync", bin)).unwrap();
+            path
+        })
+        .collect();
     let out = match Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(&unit)
+        .args(&paths)
         .env("SYSTEMD_LOG_COLOR", "0")
         .output()
     {
@@ -856,6 +1000,56 @@ fn systemd_analyze_verify_accepts_the_unit() {
         problems.iter().any(|p| p.contains("LockPersonalty")),
         "a misspelled key must be reported: {problems:#?}"
     );
+}
+
+const RECONCILE_UNIT: &str = "deploy/systemd/imprint-sync-reconcile.service";
+const RECONCILE_TIMER: &str = "deploy/systemd/imprint-sync-reconcile.timer";
+
+#[test]
+fn the_reconcile_timer_starts_a_nightly_repair_pass() {
+    let timer = unit_directives(&read(RECONCILE_TIMER));
+    let get = |d: &BTreeMap<(String, String), Vec<String>>, section: &str, key: &str| {
+        d.get(&(section.to_owned(), key.to_owned()))
+            .and_then(|v| v.last().cloned())
+            .unwrap_or_else(|| panic!("[{section}] {key}= is missing"))
+    };
+    assert!(get(&timer, "Timer", "OnCalendar").contains("02:30"));
+    assert_eq!(get(&timer, "Timer", "Persistent"), "true");
+    assert_eq!(
+        get(&timer, "Timer", "Unit"),
+        "imprint-sync-reconcile.service"
+    );
+    assert_eq!(get(&timer, "Install", "WantedBy"), "timers.target");
+
+    let unit = read(RECONCILE_UNIT);
+    let service = unit_directives(&unit);
+    assert_eq!(service_value(&service, "Type"), "oneshot");
+    let exec = service_value(&service, "ExecStart");
+    let args: Vec<String> = exec.split_whitespace().skip(1).map(str::to_owned).collect();
+    match parse_cli(&args).command {
+        Cmd::Reconcile(r) => assert!(r.repair),
+        other => panic!("the unit must run `reconcile --repair`, not {other:?}"),
+    }
+    // The same secrets and configuration as the daemon's unit.
+    let daemon = unit_directives(&read(UNIT));
+    assert_eq!(
+        service_value(&service, "EnvironmentFile"),
+        service_value(&daemon, "EnvironmentFile")
+    );
+    assert_eq!(service_value(&service, "DynamicUser"), "yes");
+
+    // systemd-analyze verify, on both units side by side.
+    let timer_text = read(RECONCILE_TIMER);
+    let Some(problems) = systemd_verify_units(&[
+        ("imprint-sync-reconcile.service", &unit),
+        ("imprint-sync-reconcile.timer", &timer_text),
+    ]) else {
+        println!(
+            "SKIPPED: systemd-analyze is not installed; the units were checked by parsing only"
+        );
+        return;
+    };
+    assert!(problems.is_empty(), "systemd-analyze verify: {problems:#?}");
 }
 
 #[test]
@@ -1302,10 +1496,26 @@ mod roles {
         )
         .await;
         denied(&scratch, d, "SELECT * FROM public.partner_customers").await;
-        // Only what the daemon does: no outbox rows of its own, no rewriting the migrations,
-        // no deleting Imprint's view, no rewriting the attempt log.
+        // `reconcile --repair`: a row of the partner's columns (the profile Imprint accepted),
+        // and the run's summary.
+        allowed(
+            &scratch,
+            d,
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, email, metadata)
+             VALUES ('BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 'a@example.com', '{}') RETURNING id;
+             INSERT INTO imprint_sync.reconcile_runs
+                 (started_at, repair, checked, in_step, drifted, missing, errors, repaired)
+             VALUES (now(), true, 1, 0, 1, 0, 0, 1);
+             UPDATE imprint_sync.customer_sync_state
+                SET checked_at = now(), verified_at = now(), reconcile_result = 'drifted'",
+        )
+        .await;
+        // Only what the daemon does: none of its own columns in a new outbox row, no rewriting
+        // the migrations, no deleting Imprint's view, no rewriting the attempt log or the runs.
         for sql in [
-            "INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('x')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, sync_status) VALUES ('x', 'synced')",
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, superseded_by) VALUES ('x', 1)",
+            "DELETE FROM imprint_sync.reconcile_runs",
             "UPDATE imprint_sync._sqlx_migrations SET success = false",
             "DELETE FROM imprint_sync._sqlx_migrations",
             "INSERT INTO imprint_sync._sqlx_migrations (version, description, success, checksum, execution_time)

@@ -9,9 +9,10 @@ use common::{TestDb, binary_command, output_text, run_binary};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 
-const TABLES: [&str; 4] = [
+const TABLES: [&str; 5] = [
     "customer_outbox",
     "customer_sync_state",
+    "reconcile_runs",
     "sync_attempts",
     "workers",
 ];

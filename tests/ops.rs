@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    API_KEY, Daemon, TestDb, admin_url, customer_id, env_with, eventually, insert, output_text,
-    profile, row, run_binary, sandbox, test_env,
+    API_KEY, Daemon, TestDb, admin_addr, admin_url, customer_id, env_with, eventually, insert,
+    output_text, profile, row, run_binary, sandbox, test_env,
 };
 use imprint_sync::sandbox::Faults;
 use serde_json::Value;
@@ -37,22 +37,6 @@ const METRICS: [(&str, &str); 11] = [
 /// The documented label values of the two counters.
 const ROW_OUTCOMES: [&str; 5] = ["synced", "failed", "superseded", "retried", "invalid"];
 const HTTP_CLASSES: [&str; 6] = ["2xx", "4xx", "5xx", "429", "timeout", "error"];
-
-/// The admin server's address, from the daemon's "admin server listening" log line (the
-/// tests let it bind 127.0.0.1:0, so no port can be taken by someone else first).
-async fn admin_addr(daemon: &Daemon) -> SocketAddr {
-    let mut found = None;
-    eventually(30, "the daemon logs its admin address", || {
-        found = daemon
-            .stderr()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find_map(|v| v.get("admin")?.as_str()?.parse().ok());
-        std::future::ready(found.is_some())
-    })
-    .await;
-    found.expect("admin address")
-}
 
 /// GET on the admin server: status and body.
 async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
@@ -339,7 +323,8 @@ fn status_json(db: &TestDb) -> Value {
             "oldest_pending_age_seconds",
             "failed_by_error_code",
             "last_synced_at",
-            "replicas"
+            "replicas",
+            "reconcile"
         ]),
         "{text}"
     );
@@ -565,6 +550,38 @@ fn assert_green(run: &DemoRun) {
         let n = summary_number(&run.stdout, label);
         assert!(n > 0.0, "{label} is {n}:\n{}", run.stdout);
     }
+    // The numbers add up on their face: every seeded row is synced, superseded or failed,
+    // and the rows invalid on purpose are the superseded invalid ones plus invalid_profile.
+    let seeded = summary_number(&run.stdout, "rows seeded");
+    let finished = ["synced", "superseded", "failed"]
+        .map(|l| summary_number(&run.stdout, l))
+        .iter()
+        .sum::<f64>();
+    assert_eq!(finished, seeded, "{}", run.stdout);
+    assert_eq!(
+        summary_number(&run.stdout, "synced + superseded + failed"),
+        seeded
+    );
+    let invalid: f64 = run
+        .stdout
+        .split("carry an invalid field")
+        .next()
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no invalid count:\n{}", run.stdout));
+    assert_eq!(
+        summary_number(&run.stdout, "of them invalid on purpose")
+            + summary_number(&run.stdout, "invalid_profile"),
+        invalid,
+        "{}",
+        run.stdout
+    );
+    // The invalid rows are counted, not logged one by one over the progress bar.
+    assert!(
+        !run.all.contains("WARN"),
+        "per-row logs on screen:\n{}",
+        run.all
+    );
     // A table: the numbers end in one column.
     let ends: BTreeSet<usize> = summary(&run.stdout)
         .iter()

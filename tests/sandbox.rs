@@ -371,6 +371,8 @@ async fn stats_count_answers_by_status_and_reset_clears_them() {
             by_status: [(200, 2), (400, 1), (401, 1), (404, 1)].into(),
             max_concurrent_per_customer: 1,
             customers: 1,
+            reads: 1,
+            drift_injected: 0,
         }
     );
     assert_eq!(api.sandbox.stats(), stats);

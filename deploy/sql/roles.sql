@@ -56,11 +56,13 @@ REVOKE ALL ON SCHEMA imprint_sync FROM PUBLIC;
 GRANT USAGE ON SCHEMA imprint_sync TO imprint_sync_daemon, imprint_sync_writer;
 
 -- 4. The daemon: exactly the statements `run` and `status` make, table by table.
---    customer_outbox      read, claim and write back (UPDATE), retention (DELETE); never
---                         INSERT: rows come from the partner.
+--    customer_outbox      read, claim and write back (UPDATE), retention (DELETE); INSERT
+--                         of the partner's columns only, for `reconcile --repair` (a row
+--                         holding the profile Imprint accepted); never the daemon's columns.
 --    customer_sync_state  read and upsert; never DELETE.
 --    sync_attempts        append (INSERT) and retention (DELETE); never UPDATE: it is a log.
 --    workers              the heartbeat: upsert, and forget dead replicas.
+--    reconcile_runs       append (INSERT) a summary per `reconcile` run; read by `status`.
 --    _sqlx_migrations     read only (the check at start); `migrate` runs as the migrator.
 --    No sequence privilege: the identity columns need none.
 -- Tables the migrator creates later get rows-only grants by default (step 6); these revoke
@@ -75,6 +77,7 @@ BEGIN
             ('customer_sync_state', 'SELECT, INSERT, UPDATE'),
             ('sync_attempts', 'SELECT, INSERT, DELETE'),
             ('workers', 'SELECT, INSERT, UPDATE, DELETE'),
+            ('reconcile_runs', 'SELECT, INSERT'),
             ('_sqlx_migrations', 'SELECT')) AS v(name, privileges)
     LOOP
         IF to_regclass(format('imprint_sync.%I', t.name)) IS NOT NULL THEN
@@ -83,6 +86,13 @@ BEGIN
                            t.privileges, t.name);
         END IF;
     END LOOP;
+    IF to_regclass('imprint_sync.customer_outbox') IS NOT NULL THEN
+        GRANT INSERT (customer_id, email, phone, first_name, last_name, preferred_language,
+                      street_line1, street_line2, city, state, postal_code, country,
+                      account_tenure, ltv_amount, ltv_currency, loyalty_tier,
+                      account_created_at, transaction_count, metadata)
+            ON imprint_sync.customer_outbox TO imprint_sync_daemon;
+    END IF;
     FOR t IN SELECT s.seq FROM (VALUES
             (pg_get_serial_sequence('imprint_sync.customer_outbox', 'id')),
             (pg_get_serial_sequence('imprint_sync.sync_attempts', 'id'))) AS s(seq)

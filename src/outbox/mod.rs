@@ -1,4 +1,7 @@
 //! The outbox: its row type and every SQL statement that works it.
 
+pub mod dead_letters;
+pub mod history;
 pub mod model;
+pub mod reconcile;
 pub mod store;

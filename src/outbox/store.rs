@@ -5,6 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
+use super::dead_letters::{self, Binds, DeadLetter, MATCHES};
 use super::model::OutboxRow;
 
 /// The outbox, seen by one worker process.
@@ -93,6 +94,37 @@ const ROW_COLUMNS: &str = "id, customer_id, email, phone, first_name, last_name,
     preferred_language, street_line1, street_line2, city, state, postal_code, country, \
     account_tenure, ltv_amount, ltv_currency, loyalty_tier, account_created_at, \
     transaction_count, metadata, enqueued_at, attempts, lease_expires_at";
+
+/// Which rows a replay touches (binds: [`dead_letters::MATCHES`]): `back`, the newest failed
+/// row of each customer, when it matches and no newer row exists; `gone`, the other matching
+/// failed rows of a customer whose newest row is not a failed row left out by the filter,
+/// with that newest row as `head`.
+fn replay_scope() -> String {
+    format!(
+        r#"
+WITH failed AS (
+    SELECT o.id, o.customer_id FROM imprint_sync.customer_outbox o
+    WHERE o.sync_status = 'failed' AND {MATCHES}
+    FOR UPDATE SKIP LOCKED
+),
+head AS (
+    SELECT f.customer_id, n.id, n.sync_status
+    FROM (SELECT DISTINCT customer_id FROM failed) f
+    CROSS JOIN LATERAL (
+        SELECT o.id, o.sync_status FROM imprint_sync.customer_outbox o
+        WHERE o.customer_id = f.customer_id
+          AND o.sync_status IN ('failed', 'pending', 'in_flight', 'synced')
+        ORDER BY o.id DESC LIMIT 1) n
+),
+back AS (
+    SELECT h.id FROM head h JOIN failed f ON f.id = h.id
+),
+gone AS (
+    SELECT f.id, h.id AS head FROM failed f JOIN head h ON h.customer_id = f.customer_id
+    WHERE f.id <> h.id AND (h.sync_status <> 'failed' OR h.id IN (SELECT id FROM back))
+)"#
+    )
+}
 
 /// The claim (G1, G2, G3, G6): due rows, oldest first, locked with SKIP LOCKED; per
 /// customer only the newest pending row is taken, and only when no row of that customer is
@@ -381,44 +413,73 @@ impl Store {
 
     /// `run --replay-failed`: per customer, the newest failed row goes back to `pending`
     /// (attempts reset) unless a newer row of that customer exists; every other failed row of
-    /// that customer becomes `superseded`. `sync_attempts` keeps the history.
-    pub async fn replay_failed(&self) -> sqlx::Result<Replay> {
-        let row = sqlx::query(
-            r#"
-WITH failed AS (
-    SELECT id, customer_id FROM imprint_sync.customer_outbox WHERE sync_status = 'failed'
-    FOR UPDATE SKIP LOCKED
-),
-head AS (
-    SELECT f.customer_id,
-           (SELECT max(o.id) FROM imprint_sync.customer_outbox o
-             WHERE o.customer_id = f.customer_id
-               AND o.sync_status IN ('failed', 'pending', 'in_flight', 'synced')) AS id
-    FROM (SELECT DISTINCT customer_id FROM failed) f
-),
+    /// that customer becomes `superseded`. `sync_attempts` keeps the history. With filters,
+    /// only the failed rows that match take part, and a customer whose newest row is a
+    /// failed row outside the filter is left alone (that row decides what is sent next).
+    pub async fn replay_failed(&self, filter: &Binds) -> sqlx::Result<Replay> {
+        let scope = replay_scope();
+        let sql = format!(
+            r#"{scope},
 replayed AS (
     UPDATE imprint_sync.customer_outbox o
     SET sync_status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
-    FROM head h, failed f
-    WHERE o.id = h.id AND f.id = h.id
+    FROM back b WHERE o.id = b.id
     RETURNING o.id
 ),
 superseded AS (
     UPDATE imprint_sync.customer_outbox o
-    SET sync_status = 'superseded', superseded_by = h.id, updated_at = now()
-    FROM failed f JOIN head h ON h.customer_id = f.customer_id
-    WHERE o.id = f.id AND f.id <> h.id
+    SET sync_status = 'superseded', superseded_by = g.head, updated_at = now()
+    FROM gone g WHERE o.id = g.id
     RETURNING o.id
 )
 SELECT (SELECT count(*) FROM replayed) AS replayed, (SELECT count(*) FROM superseded) AS superseded
-"#,
-        )
-        .fetch_one(&self.pool)
-        .await?;
+"#
+        );
+        let (replayed, superseded): (i64, i64) =
+            dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(Replay {
-            replayed: row.try_get::<i64, _>("replayed")? as u64,
-            superseded: row.try_get::<i64, _>("superseded")? as u64,
+            replayed: replayed as u64,
+            superseded: superseded as u64,
         })
+    }
+
+    /// `run --replay-failed --dry-run`: the rows [`Store::replay_failed`] would put back, and
+    /// how many it would supersede; changes nothing.
+    pub async fn replay_plan(&self, filter: &Binds) -> sqlx::Result<(Vec<DeadLetter>, u64)> {
+        let scope = replay_scope();
+        let sql = format!(
+            r#"{scope}
+SELECT o.id, o.customer_id, COALESCE(o.last_error_code, 'unknown') AS error_code,
+       o.last_error, o.last_http_status, o.attempts, o.updated_at,
+       (SELECT count(*) FROM gone) AS superseded
+FROM imprint_sync.customer_outbox o JOIN back b ON b.id = o.id
+ORDER BY o.id
+"#
+        );
+        #[derive(sqlx::FromRow)]
+        struct Planned {
+            #[sqlx(flatten)]
+            row: DeadLetter,
+            superseded: i64,
+        }
+        let rows: Vec<Planned> =
+            dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+                .fetch_all(&self.pool)
+                .await?;
+        let superseded = match rows.first() {
+            Some(p) => p.superseded as u64,
+            None => {
+                let sql = format!("{scope} SELECT count(*) FROM gone");
+                let (n,): (i64,) =
+                    dead_letters::bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+                        .fetch_one(&self.pool)
+                        .await?;
+                n as u64
+            }
+        };
+        Ok((rows.into_iter().map(|p| p.row).collect(), superseded))
     }
 
     /// Whether anything is left for `run --once`: rows pending or in flight, and how long
@@ -620,6 +681,8 @@ pub struct StatusReport {
     pub failed_by_error_code: std::collections::BTreeMap<String, i64>,
     pub last_synced_at: Option<DateTime<Utc>>,
     pub replicas: Vec<Replica>,
+    /// Reconciliation: the last pass, customers verified in the period, drifted and missing now.
+    pub reconcile: super::reconcile::ReconcileStatus,
 }
 
 impl Store {
@@ -695,6 +758,9 @@ impl Store {
             failed_by_error_code,
             last_synced_at,
             replicas,
+            reconcile: super::reconcile::ReconcileStore::new(self.pool.clone())
+                .status(super::reconcile::DEFAULT_PERIOD)
+                .await?,
         })
     }
 }

@@ -127,6 +127,40 @@ pub fn merge(customer: &mut Map<String, Value>, body: &Map<String, Value>, now: 
     customer.insert("updated_at".into(), Value::String(now.into()));
 }
 
+/// The admin API's drift: top-level fields replace the stored ones (`null` removes one);
+/// `address` and `statuses` are merged key by key (`null` removes a key). The caller checked
+/// that the patch is an object without `id`, and that `address` and `statuses` are objects.
+pub fn overwrite(customer: &mut Map<String, Value>, fields: &Map<String, Value>, now: &str) {
+    for (name, v) in fields {
+        match (name.as_str(), v) {
+            ("address" | "statuses", Value::Object(patch)) => {
+                let slot = customer
+                    .entry(name.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Value::Object(Map::new());
+                }
+                if let Value::Object(inner) = slot {
+                    for (k, v) in patch {
+                        if v.is_null() {
+                            inner.remove(k);
+                        } else {
+                            inner.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+            (_, Value::Null) => {
+                customer.remove(name);
+            }
+            _ => {
+                customer.insert(name.clone(), v.clone());
+            }
+        }
+    }
+    customer.insert("updated_at".into(), Value::String(now.into()));
+}
+
 fn present<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }

@@ -21,7 +21,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -82,6 +82,12 @@ pub struct Stats {
     pub max_concurrent_per_customer: u64,
     /// Customers created by a POST.
     pub customers: u64,
+    /// `GET /v2/customers/{id}` requests (reconciliation's reads), whatever the answer.
+    #[serde(default)]
+    pub reads: u64,
+    /// Changes made "at Imprint" through `PATCH` / `DELETE /_sandbox/customers/{id}`.
+    #[serde(default)]
+    pub drift_injected: u64,
 }
 
 impl Stats {
@@ -167,6 +173,8 @@ pub async fn spawn(
         api_key,
         store: store::Store::new(),
         statuses: std::array::from_fn(|_| AtomicU64::new(0)),
+        reads: AtomicU64::new(0),
+        drift_injected: AtomicU64::new(0),
         live: RwLock::new(Arc::new(Live::new(faults)?)),
     });
     let stop = CancellationToken::new();
@@ -234,6 +242,10 @@ fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/_sandbox/journal/{id}", get(admin_journal))
         .route("/_sandbox/faults", put(admin_put_faults).get(admin_faults))
         .route("/_sandbox/reset", post(admin_reset))
+        .route(
+            "/_sandbox/customers/{id}",
+            patch(admin_patch_customer).delete(admin_delete_customer),
+        )
         .with_state(shared)
 }
 
@@ -262,6 +274,8 @@ struct Shared {
     store: store::Store,
     /// Answers by status code, indexed by the code.
     statuses: [AtomicU64; 1000],
+    reads: AtomicU64,
+    drift_injected: AtomicU64,
     live: RwLock<Arc<Live>>,
 }
 
@@ -290,6 +304,8 @@ impl Shared {
             by_status,
             max_concurrent_per_customer: self.store.max_concurrent(),
             customers: self.store.customers(),
+            reads: self.reads.load(Ordering::Relaxed),
+            drift_injected: self.drift_injected.load(Ordering::Relaxed),
         }
     }
 
@@ -306,7 +322,11 @@ impl Shared {
     }
 
     fn reset(&self) {
-        for n in &self.statuses {
+        for n in self
+            .statuses
+            .iter()
+            .chain([&self.reads, &self.drift_injected])
+        {
             n.store(0, Ordering::Relaxed);
         }
         self.store.clear_journals();
@@ -322,6 +342,9 @@ impl Shared {
         answer: impl FnOnce() -> Response,
     ) -> Response {
         let _in_flight = self.store.enter(id);
+        if body.is_none() {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
         let response = match self.admit(id, headers, body).await {
             Ok(()) => answer(),
             Err(refused) => refused,
@@ -402,7 +425,10 @@ impl Shared {
             }
         };
         match customer::check_body(&value) {
-            Ok(fields) => Json(self.store.update(id, fields, &now())).into_response(),
+            Ok(fields) => match self.store.update(id, fields, &now()) {
+                Some(c) => Json(c).into_response(),
+                None => not_found(),
+            },
             Err(e) => error(
                 StatusCode::BAD_REQUEST,
                 INVALID,
@@ -511,4 +537,56 @@ async fn admin_put_faults(State(s): State<Arc<Shared>>, body: Bytes) -> Response
 async fn admin_reset(State(s): State<Arc<Shared>>) -> StatusCode {
     s.reset();
     StatusCode::NO_CONTENT
+}
+
+/// `PATCH /_sandbox/customers/{id}`: overwrites fields of the sandbox's copy as if changed at
+/// Imprint (top-level fields; `address` and `statuses` key by key). Not validated as an update
+/// body is: Imprint's copy may hold what a partner could not send.
+async fn admin_patch_customer(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let fields: serde_json::Map<String, Value> = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            let message = format!("the body must be a JSON object of customer fields: {e}");
+            return error(StatusCode::BAD_REQUEST, INVALID, &message, None);
+        }
+    };
+    if fields.contains_key("id") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            INVALID,
+            "id cannot be changed",
+            Some("id"),
+        );
+    }
+    for name in ["address", "statuses"] {
+        if fields
+            .get(name)
+            .is_some_and(|v| !v.is_object() && !v.is_null())
+        {
+            let message = format!("{name} must be a JSON object");
+            return error(StatusCode::BAD_REQUEST, INVALID, &message, Some(name));
+        }
+    }
+    match s.store.patch(&id, &fields, &now()) {
+        Some(c) => {
+            s.drift_injected.fetch_add(1, Ordering::Relaxed);
+            Json(c).into_response()
+        }
+        None => not_found(),
+    }
+}
+
+/// `DELETE /_sandbox/customers/{id}`: removes the customer as if deleted at Imprint; GET and
+/// POST answer 404 from then on.
+async fn admin_delete_customer(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    if s.store.delete(&id) {
+        s.drift_injected.fetch_add(1, Ordering::Relaxed);
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        not_found()
+    }
 }

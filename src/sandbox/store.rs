@@ -22,11 +22,13 @@ struct Entry {
     /// Raw bodies: cloning `Bytes` is a reference count, so recording costs no copy.
     journal: VecDeque<Bytes>,
     in_flight: u64,
+    /// Deleted through the admin API: GET and POST answer 404 from then on.
+    deleted: bool,
 }
 
 impl Entry {
     fn is_unused(&self) -> bool {
-        self.customer.is_none() && self.journal.is_empty() && self.in_flight == 0
+        self.customer.is_none() && self.journal.is_empty() && self.in_flight == 0 && !self.deleted
     }
 }
 
@@ -115,16 +117,52 @@ impl Store {
         self.shard(id).get(id).and_then(|e| e.customer.clone())
     }
 
-    /// Merges a checked body into the customer (creating it) and returns the result.
-    pub fn update(&self, id: &str, body: &Map<String, Value>, now: &str) -> Map<String, Value> {
+    /// Merges a checked body into the customer (creating it) and returns the result; `None`
+    /// for a customer deleted through the admin API.
+    pub fn update(
+        &self,
+        id: &str,
+        body: &Map<String, Value>,
+        now: &str,
+    ) -> Option<Map<String, Value>> {
         self.with_entry(id, |e| {
+            if e.deleted {
+                return None;
+            }
             let c = e.customer.get_or_insert_with(|| {
                 self.customers.fetch_add(1, Ordering::Relaxed);
                 customer::new_customer(id, now)
             });
             customer::merge(c, body, now);
-            c.clone()
+            Some(c.clone())
         })
+    }
+
+    /// Overwrites fields of an existing customer as if changed at Imprint; `None` when there
+    /// is no such customer.
+    pub fn patch(
+        &self,
+        id: &str,
+        fields: &Map<String, Value>,
+        now: &str,
+    ) -> Option<Map<String, Value>> {
+        let mut shard = self.shard(id);
+        let c = shard.get_mut(id)?.customer.as_mut()?;
+        customer::overwrite(c, fields, now);
+        Some(c.clone())
+    }
+
+    /// Removes a customer as if deleted at Imprint; false when there was none.
+    pub fn delete(&self, id: &str) -> bool {
+        let mut shard = self.shard(id);
+        match shard.get_mut(id) {
+            Some(e) if e.customer.is_some() => {
+                e.customer = None;
+                e.deleted = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn customers(&self) -> u64 {

@@ -582,3 +582,19 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// The admin server's address, from the daemon's "admin server listening" log line (the
+/// tests let it bind 127.0.0.1:0, so no port can be taken by someone else first).
+pub async fn admin_addr(daemon: &Daemon) -> std::net::SocketAddr {
+    let mut found = None;
+    eventually(30, "the daemon logs its admin address", || {
+        found = daemon
+            .stderr()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|v| v.get("admin")?.as_str()?.parse().ok());
+        std::future::ready(found.is_some())
+    })
+    .await;
+    found.expect("admin address")
+}
