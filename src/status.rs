@@ -40,10 +40,9 @@ pub async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<u8
 }
 
 async fn read(pool: &PgPool, settings: &Settings) -> anyhow::Result<StatusReport> {
-    let mut report = Store::new(pool.clone(), "status")
-        .status()
-        .await
-        .context("reading the outbox status (is the schema migrated? run `imprint-sync migrate`)")?;
+    let mut report = Store::new(pool.clone(), "status").status().await.context(
+        "reading the outbox status (is the schema migrated? run `imprint-sync migrate`)",
+    )?;
     let period = settings.reconcile.period();
     if period != crate::outbox::reconcile::DEFAULT_PERIOD {
         report.reconcile = ReconcileStore::new(pool.clone())
