@@ -139,8 +139,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Migrate => {
-            let pool = db::migration_pool(&settings.database)?;
-            db::migrate(&pool).await?;
+            db::migrate_waiting(&settings.database).await?;
             println!("migrations applied");
             Ok(exit::OK)
         }

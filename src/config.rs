@@ -199,6 +199,10 @@ impl std::fmt::Debug for DatabaseSettings {
 /// Least margin between the request timeout and the lease: a live worker never loses its lease.
 pub const LEASE_MARGIN_MS: u64 = 5_000;
 
+/// Lowest `rate_limit.requests_per_second` accepted: the limiter's floor, below which a
+/// smaller value was silently raised to it.
+pub const MIN_REQUESTS_PER_SECOND: f64 = 0.001;
+
 /// Highest `rate_limit.requests_per_second` accepted.
 pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 
@@ -251,6 +255,7 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with("IMPRINT_SYNC__"))
             .collect();
+        refuse_case_twins(prefixed.keys())?;
         builder = builder.add_source(
             Environment::with_prefix("IMPRINT_SYNC")
                 .prefix_separator("__")
@@ -274,12 +279,8 @@ impl Settings {
                 "set either api.key or api.key_file, not both",
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                "api.key_file",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
+        let text = read_small_file(path, MAX_KEY_FILE_BYTES)
+            .map_err(|why| ConfigError::new("api.key_file", why))?;
         let key = text.trim_end_matches(['\r', '\n']);
         if key.is_empty() {
             return Err(ConfigError::new(
@@ -336,10 +337,13 @@ impl Settings {
             ));
         }
         let rps = self.rate_limit.requests_per_second;
-        if !(rps.is_finite() && rps > 0.0 && rps <= MAX_REQUESTS_PER_SECOND) {
+        if !(rps.is_finite() && (MIN_REQUESTS_PER_SECOND..=MAX_REQUESTS_PER_SECOND).contains(&rps))
+        {
             return Err(ConfigError::new(
                 "rate_limit.requests_per_second",
-                format!("must be a number greater than 0 and at most {MAX_REQUESTS_PER_SECOND}"),
+                format!(
+                    "must be a number from {MIN_REQUESTS_PER_SECOND} to {MAX_REQUESTS_PER_SECOND}"
+                ),
             ));
         }
         if self.sync.backoff_max_ms < self.sync.backoff_base_ms {
@@ -373,10 +377,19 @@ impl Settings {
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::new("log.level", "must not be empty"));
         }
-        if let Some(key) = &self.api.key
-            && key.expose_secret().trim().is_empty()
-        {
-            return Err(ConfigError::new("api.key", "is empty"));
+        check_log_level(&self.log.level)?;
+        // An empty merchant key (a secret's missing entry, mounted as "") was sent as an
+        // empty header on every request.
+        for (name, secret) in [
+            ("api.key", &self.api.key),
+            ("api.merchant_key", &self.api.merchant_key),
+        ] {
+            if secret
+                .as_ref()
+                .is_some_and(|s| s.expose_secret().trim().is_empty())
+            {
+                return Err(ConfigError::new(name, "is empty"));
+            }
         }
         // Both travel in an HTTP header: a newline or a control character would pass here and
         // fail every request at `run`.
@@ -595,6 +608,54 @@ fn is_password_param(name: &str) -> bool {
     name.eq_ignore_ascii_case("password")
 }
 
+/// `log.level` must be a filter whose every part names a level (`info`) or a target and a
+/// level (`imprint_sync=debug`). A bare word is a valid directive too, meaning "everything
+/// of the target so named": a misspelt `inof` would switch off every log line.
+fn check_log_level(level: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for part in level.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let named = part.rsplit_once('=').map_or(part, |(_, l)| l);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(named.trim())) {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "`{}` is not a level ({}) nor target=level",
+                    part.chars().take(40).collect::<String>(),
+                    LEVELS.join(", ")
+                ),
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new("log.level", format!("not a log filter: {e}")))
+}
+
+/// Variable names are matched without regard to case, so `IMPRINT_SYNC__SYNC__BATCH_SIZE`
+/// and `IMPRINT_SYNC__sync__batch_size` set the same key, and which one won changed from run
+/// to run (a hash map's order). Two such names are refused; values are never shown.
+fn refuse_case_twins<'a>(names: impl Iterator<Item = &'a String>) -> Result<(), ConfigError> {
+    let mut seen: std::collections::HashMap<String, &String> = std::collections::HashMap::new();
+    for name in names {
+        let folded = name.to_ascii_lowercase();
+        if let Some(first) = seen.insert(folded.clone(), name) {
+            let key = folded
+                .trim_start_matches("imprint_sync__")
+                .replace("__", ".");
+            let (a, b) = if first < name {
+                (first, name)
+            } else {
+                (name, first)
+            };
+            return Err(ConfigError::new(
+                key,
+                format!("set twice in the environment, as {a} and {b}: keep one"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A secret sent in an HTTP header must be visible ASCII: no space, newline or control
 /// character. The message never shows the value.
 fn header_safe(key: &str, secret: Option<&SecretString>) -> Result<(), ConfigError> {
@@ -607,6 +668,41 @@ fn header_safe(key: &str, secret: Option<&SecretString>) -> Result<(), ConfigErr
         }
         _ => Ok(()),
     }
+}
+
+/// Largest `api.key_file` read: a key is tens of bytes, and it travels in every request's
+/// header.
+pub const MAX_KEY_FILE_BYTES: u64 = 4 * 1024;
+
+/// Opens a file named by the configuration that must be a small regular file: a directory,
+/// a device such as /dev/zero (read for ever, until out of memory), a FIFO (blocks) or a
+/// huge file is refused with a message saying which. Messages never hold the content.
+pub fn open_small_file(path: &Path, max_bytes: u64) -> Result<std::fs::File, String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    if meta.len() > max_bytes {
+        return Err(format!("{shown} is larger than {max_bytes} bytes"));
+    }
+    std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))
+}
+
+/// Reads a small text file named by the configuration (see [`open_small_file`]).
+fn read_small_file(path: &Path, max_bytes: u64) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let mut bytes = Vec::new();
+    open_small_file(path, max_bytes)?
+        .take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    // It may have grown between the size check and the read.
+    if bytes.len() as u64 > max_bytes {
+        return Err(format!("{shown} is larger than {max_bytes} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))
 }
 
 /// Turns the config crate's error into one that names the key where it can. An unknown

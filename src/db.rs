@@ -22,6 +22,9 @@ const URL_FILE_PARAMS: [&str; 7] = [
     "ssl-key",
 ];
 
+/// Largest certificate or key file `database.url` may name (a CA bundle is a few hundred KB).
+const MAX_CERT_FILE_BYTES: u64 = 1024 * 1024;
+
 /// The other query parameters of `database.url` that sqlx understands. sqlx ignores any
 /// other one (and logs it with its value), so a misspelt `sslmode` would silently mean
 /// plaintext: refused.
@@ -61,11 +64,20 @@ pub fn migrator() -> sqlx::migrate::Migrator {
 
 /// Connect options for a URL, with statement logging turned down (statements carry values).
 pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
+    install_tls_provider();
     let opts: PgConnectOptions = url.parse().context("parsing database.url")?;
     Ok(opts
         .application_name("imprint-sync")
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(2)))
+}
+
+/// Makes aws-lc-rs the process's TLS crypto provider. sqlx's `sslmode=verify-ca` path asks
+/// rustls for the process default, which rustls cannot pick once both of its providers are
+/// compiled in (any crate enabling `ring` does that, as the test build does): it panicked
+/// at the first connection, exit 101. Idempotent: a provider already installed stays.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// Checks `database.url` the way the connection will read it: a URL, a PostgreSQL scheme,
@@ -80,14 +92,37 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
             format!("scheme `{}` is not postgres or postgresql", parsed.scheme()),
         ));
     }
-    for (name, _) in parsed.query_pairs() {
+    // libpq's host lists (`h1,h2:5432`) are not something sqlx reads: it looked the whole
+    // list up as one name, failing every connection as if DNS were down (retried for ever).
+    let host_list = parsed.host_str().is_some_and(|h| h.contains(','))
+        || parsed
+            .query_pairs()
+            .any(|(k, v)| matches!(&*k, "host" | "hostaddr" | "port") && v.contains(','));
+    if host_list {
+        return Err(ConfigError::new(
+            URL_KEY,
+            "lists several hosts or ports; name one (a failover address or a pooler in front)",
+        ));
+    }
+    // The raw pairs, not `query_pairs()`: whether a pair has a `=` decides if its name may
+    // be shown.
+    for raw in parsed
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let raw_name = raw.split_once('=').map_or(raw, |(n, _)| n);
+        let name: String = url::form_urlencoded::parse(raw_name.as_bytes())
+            .map(|(k, _)| k.into_owned())
+            .collect();
         let indexed_option = name.starts_with("options[") && name.ends_with(']');
         if !(URL_PARAMS.contains(&&*name) || URL_FILE_PARAMS.contains(&&*name) || indexed_option) {
             return Err(ConfigError::new(
                 URL_KEY,
                 format!(
-                    "unknown parameter `{}` (known: {}, {})",
-                    name.chars().take(40).collect::<String>(),
+                    "unknown parameter {} (known: {}, {})",
+                    shown_param_name(&name, raw.contains('=')),
                     URL_PARAMS.join(", "),
                     URL_FILE_PARAMS.join(", ")
                 ),
@@ -96,6 +131,18 @@ pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
     }
     url.parse()
         .map_err(|e: sqlx::Error| ConfigError::new(URL_KEY, e.to_string()))
+}
+
+/// The name of a parameter for an error message, or a note that it is not shown: a name
+/// without `=`, or one holding characters no parameter name has, may be a pasted value (a
+/// `password%3D…` decodes to `password=…`, a bare `?s3cr3t` is a name without a value).
+fn shown_param_name(name: &str, has_value: bool) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.[]".contains(c);
+    if has_value && !name.is_empty() && name.len() <= 40 && name.chars().all(plain) {
+        format!("`{name}`")
+    } else {
+        "(name not shown: it may hold a value; parameters are written name=value)".to_owned()
+    }
 }
 
 /// The certificate files `database.url` names must be readable where the daemon runs: sqlx
@@ -107,9 +154,10 @@ fn check_url_files(url: &str) -> Result<(), ConfigError> {
     };
     for (name, value) in parsed.query_pairs() {
         if URL_FILE_PARAMS.contains(&&*name) {
-            std::fs::File::open(&*value).map_err(|e| {
-                ConfigError::new(URL_KEY, format!("{name}: cannot read {value}: {e}"))
-            })?;
+            // A directory passed File::open and then failed every connection as an I/O
+            // error (retried for ever); /dev/zero was read until out of memory.
+            crate::config::open_small_file(std::path::Path::new(&*value), MAX_CERT_FILE_BYTES)
+                .map_err(|why| ConfigError::new(URL_KEY, format!("{name}: {why}")))?;
         }
     }
     Ok(())
@@ -132,12 +180,50 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     Ok(pool_options(settings).connect_lazy_with(opts))
 }
 
-/// The pool of `migrate`: no statement or lock timeout, since a migration may scan a large
-/// table, and waits on the advisory lock while another replica migrates.
+/// How long one lock request of `migrate` may wait before it is withdrawn and made again.
+/// A waiting ALTER TABLE queues every later insert behind it: without this, a partner
+/// transaction left open stalled all of the partner's writes to the outbox.
+const MIGRATION_LOCK_TIMEOUT: &str = "3s";
+
+/// The pool of `migrate`: no statement timeout, since a migration may scan a large table;
+/// a short lock timeout, retried by [`migrate_waiting`].
 pub fn migration_pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     check_url_files(&settings.url)?;
-    let opts = connect_options(&settings.url)?.options(SERVER_KEEPALIVES);
+    let opts = connect_options(&settings.url)?
+        .options([("lock_timeout", MIGRATION_LOCK_TIMEOUT)])
+        .options(SERVER_KEEPALIVES);
     Ok(pool_options(settings).connect_lazy_with(opts))
+}
+
+/// `imprint-sync migrate`: applies the migrations, trying again (on a fresh connection)
+/// whenever a lock was not granted in time: a table another transaction holds, or the
+/// advisory lock while another replica migrates. Every migration may run again from its
+/// start, so a try given up half way is finished by the next.
+pub async fn migrate_waiting(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let pool = migration_pool(settings)?;
+        let result = migrate(&pool).await;
+        pool.close().await;
+        match result {
+            Err(e) if lock_not_granted(&e) => {
+                tracing::warn!(
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "a migration waited longer than {MIGRATION_LOCK_TIMEOUT} for a lock (an open transaction on the table, or another replica migrating); trying again"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A lock not granted within `lock_timeout` (55P03).
+fn lock_not_granted(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<sqlx::Error>())
+        .any(|s| s.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03"))
 }
 
 fn pool_options(settings: &DatabaseSettings) -> PgPoolOptions {

@@ -520,3 +520,187 @@ fn check_config_redacts_a_password_in_the_database_url_query() {
         assert!(!format!("{s:?}").contains(DB_PASSWORD), "Debug: {s:?}");
     }
 }
+
+/// Runs the binary with its address space capped (2 GiB), so a configuration that makes it
+/// read without end fails the test instead of taking the machine's memory.
+fn run_binary_capped(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let binary = env!("CARGO_BIN_EXE_imprint-sync");
+    let mut all = vec!["-c", "ulimit -v 2097152; exec \"$0\" \"$@\"", binary];
+    all.extend_from_slice(args);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(&all).env_clear().envs(env.iter().copied());
+    cmd.output().expect("running the imprint-sync binary")
+}
+
+/// `api.key_file` must be a small regular file: /dev/zero was read until out of memory, and
+/// a 2 MiB file was taken as a key to send in every request's header (adversarial review).
+#[test]
+fn a_key_file_that_is_a_device_or_huge_exits_64() {
+    let huge = toml_file(&"k".repeat(2 * 1024 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    for path in [
+        "/dev/zero",
+        huge.path().to_str().unwrap(),
+        dir.path().to_str().unwrap(),
+    ] {
+        let out = run_binary_capped(&["check-config"], &[("IMPRINT_SYNC__API__KEY_FILE", path)]);
+        assert_config_error(&out, "api.key_file", path);
+        assert!(
+            output_text(&out).contains("regular file") || output_text(&out).contains("larger"),
+            "{path}: {}",
+            output_text(&out)
+        );
+    }
+}
+
+/// A certificate path of `database.url` that is a directory failed every connection as an
+/// I/O error: `run` retried it for ever, `status` and `migrate` exited 70; /dev/zero was read
+/// until out of memory. Both are configuration errors naming database.url.
+#[tokio::test]
+async fn a_database_certificate_path_that_is_not_a_small_file_exits_64() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    for (param, path) in [
+        ("sslrootcert", dir.path().to_str().unwrap()),
+        ("sslrootcert", "/dev/zero"),
+    ] {
+        url.query_pairs_mut()
+            .clear()
+            .append_pair("sslmode", "verify-full")
+            .append_pair(param, path);
+        for args in [&["status"][..], &["migrate"][..]] {
+            let out = run_binary_capped(args, &[("DATABASE_URL", url.as_str())]);
+            assert_config_error(&out, "database.url", &format!("{args:?} {param}={path}"));
+            assert!(output_text(&out).contains(param), "{}", output_text(&out));
+        }
+    }
+}
+
+/// An unknown parameter is named in the error, but a name that decodes to `password=…`
+/// (`password%3D…`), or a bare value with no `=`, is a pasted secret: never echoed.
+#[test]
+fn an_unknown_database_url_parameter_never_echoes_a_secret() {
+    for url in [
+        format!("postgres://app@db.internal:5432/app?password%3D{DB_PASSWORD}"),
+        format!("postgres://app@db.internal:5432/app?sslmode=require&{DB_PASSWORD}"),
+        format!("postgres://app@db.internal:5432/app?%3D{DB_PASSWORD}"),
+    ] {
+        let out = check_config(&[("DATABASE_URL", &url)]);
+        assert_config_error(&out, "database.url", &url);
+        let text = output_text(&out);
+        assert!(
+            !text.contains(DB_PASSWORD),
+            "{url}: password printed: {text}"
+        );
+        assert!(text.contains("unknown parameter"), "{text}");
+    }
+    // A plain misspelt name is still named, so the operator can fix it.
+    let out = check_config(&[(
+        "DATABASE_URL",
+        "postgres://app@db.internal:5432/app?sslmod=verify-full",
+    )]);
+    assert_config_error(&out, "database.url", "sslmod");
+    assert!(
+        output_text(&out).contains("`sslmod`"),
+        "{}",
+        output_text(&out)
+    );
+}
+
+/// `options=-c statement_timeout=0` (or `options[lock_timeout]=0`) in `database.url` must
+/// not switch off the daemon's own timeouts: they are what keep a black-holed or blocked
+/// statement from stalling the claimer.
+#[tokio::test]
+async fn database_url_options_cannot_override_the_daemons_timeouts() {
+    let db = TestDb::new().await;
+    for options in [
+        "options=-c%20statement_timeout%3D0%20-c%20lock_timeout%3D0",
+        "options[statement_timeout]=0&options[lock_timeout]=0",
+    ] {
+        let url = format!("{}?{options}", db.url);
+        let settings = load(None, &[("DATABASE_URL", &url)]).expect(options);
+        let pool = imprint_sync::db::pool(&settings.database).unwrap();
+        let (statement, lock): (String, String) = sqlx::query_as(
+            "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect(options);
+        assert_eq!(
+            (statement.as_str(), lock.as_str()),
+            ("30s", "5s"),
+            "{options}"
+        );
+        pool.close().await;
+    }
+}
+
+/// A misspelt `log.level` (`inof`) is a valid tracing directive meaning "everything of the
+/// target `inof`": the daemon ran logging nothing at all. And a rate below the limiter's
+/// floor (0.001/s) was silently raised to it. Both exit 64 naming the key (adversarial review).
+#[test]
+fn a_misspelt_log_level_or_a_rate_below_the_floor_exits_64() {
+    for (var, value, key) in [
+        ("IMPRINT_SYNC__LOG__LEVEL", "inof", "log.level"),
+        (
+            "IMPRINT_SYNC__LOG__LEVEL",
+            "info,imprint_sync=verbose",
+            "log.level",
+        ),
+        (
+            "IMPRINT_SYNC__RATE_LIMIT__REQUESTS_PER_SECOND",
+            "1e-300",
+            "rate_limit.requests_per_second",
+        ),
+    ] {
+        let out = check_config(&[(var, value)]);
+        assert_config_error(&out, key, value);
+    }
+    for level in [
+        "warn",
+        "INFO",
+        "info,imprint_sync=debug",
+        "imprint_sync::engine=trace",
+    ] {
+        assert_ok(&check_config(&[("IMPRINT_SYNC__LOG__LEVEL", level)]), level);
+    }
+}
+
+/// A libpq host list (`h1,h2`) passed check-config, then every connection failed as a DNS
+/// lookup of the whole list: `status` exited 70 and `run` retried for ever.
+#[test]
+fn a_database_url_with_several_hosts_exits_64() {
+    for url in [
+        "postgres://app@db1.internal,db2.internal:5432/app",
+        "postgres://app@db1.internal:5432/app?host=db1.internal,db2.internal",
+    ] {
+        assert_config_error(&check_config(&[("DATABASE_URL", url)]), "database.url", url);
+    }
+}
+
+/// Environment names are matched without regard to case: two spellings of one key made the
+/// value depend on a hash map's order, different from run to run. Refused, naming the key
+/// and both variables, never the values.
+#[test]
+fn one_key_set_twice_with_different_casing_exits_64() {
+    let out = check_config(&[
+        ("IMPRINT_SYNC__API__KEY", KEY),
+        ("IMPRINT_SYNC__api__key", "another-key-never-print"),
+    ]);
+    assert_config_error(&out, "api.key", "two casings");
+    let text = output_text(&out);
+    assert!(text.contains("IMPRINT_SYNC__api__key"), "{text}");
+    assert!(
+        !text.contains(KEY) && !text.contains("another-key"),
+        "{text}"
+    );
+}
+
+/// An empty `api.merchant_key` (a secret's entry missing, mounted as "") passed, and every
+/// request carried an empty x-imprint-merchant-key header.
+#[test]
+fn an_empty_merchant_key_exits_64() {
+    let out = check_config(&[("IMPRINT_SYNC__API__MERCHANT_KEY", "")]);
+    assert_config_error(&out, "api.merchant_key", "empty merchant key");
+}

@@ -1660,6 +1660,12 @@ mod tls {
 
     impl TlsCluster {
         fn start() -> Self {
+            Self::start_with(|_| {})
+        }
+
+        /// Like [`TlsCluster::start`], with the server certificate's parameters adjusted
+        /// (an expired one, say).
+        fn start_with(adjust: impl FnOnce(&mut CertificateParams)) -> Self {
             let dir = tempfile::Builder::new()
                 .prefix("imprint-sync-tls-")
                 .tempdir()
@@ -1700,6 +1706,7 @@ mod tls {
             params
                 .distinguished_name
                 .push(DnType::CommonName, "localhost");
+            adjust(&mut params);
             let cert = params.signed_by(&server_key, &ca).unwrap();
             std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
             std::fs::write(data.join("server.key"), server_key.serialize_pem()).unwrap();
@@ -1843,5 +1850,68 @@ mod tls {
                 daemon.stderr()
             );
         }
+    }
+
+    /// `sslmode=verify-ca` (the CA is checked, not the host name) is a libpq mode the docs
+    /// accept: it panicked at the first connection (rustls could not pick a crypto provider
+    /// with both compiled in), exit 101 for status, migrate and run (adversarial review).
+    #[tokio::test]
+    async fn verify_ca_connects_over_tls() {
+        let cluster = TlsCluster::start();
+        let url = cluster
+            .url("ca.pem")
+            .replace("@localhost:", "@127.0.0.1:")
+            .replace("verify-full", "verify-ca");
+        for args in [&["migrate"][..], &["status"][..]] {
+            let out = run_binary(args, &[("DATABASE_URL", &url)]);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{args:?}: {}",
+                output_text(&out)
+            );
+        }
+        let settings = Settings::load_from(None, [("DATABASE_URL".to_owned(), url.clone())])
+            .expect("a verify-ca URL is valid configuration");
+        let pool = imprint_sync::db::pool(&settings.database).unwrap();
+        let ssl: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&pool)
+                .await
+                .expect("querying over verify-ca TLS");
+        assert!(ssl, "pg_stat_ssl.ssl must be true under verify-ca");
+        pool.close().await;
+    }
+
+    /// A server certificate that has expired is a configuration error naming database.url,
+    /// at `status` and at `run` (never retried for ever).
+    #[tokio::test]
+    async fn an_expired_server_certificate_exits_64() {
+        let cluster = TlsCluster::start_with(|params| {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        });
+        let url = cluster.url("ca.pem");
+        let out = run_binary(&["status"], &[("DATABASE_URL", &url)]);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(64), "status: {text}");
+        assert!(
+            text.contains("`database.url`") && text.contains("expired"),
+            "the error names the key and the expiry: {text}"
+        );
+        let env = vec![
+            ("DATABASE_URL".to_owned(), url),
+            ("IMPRINT_SYNC__API__KEY".to_owned(), API_KEY.to_owned()),
+            (
+                "IMPRINT_SYNC__API__BASE_URL".to_owned(),
+                "http://127.0.0.1:9".to_owned(),
+            ),
+            (
+                "IMPRINT_SYNC__ADMIN__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+        ];
+        let mut daemon = Daemon::start(&["run"], &env);
+        assert_eq!(daemon.exit_code(30).await, 64, "run: {}", daemon.stderr());
     }
 }

@@ -443,3 +443,67 @@ async fn migration_0003_rescues_lease_less_in_flight_rows_and_validates() {
     let out = migrate(&db);
     assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
 }
+
+/// `migrate` waiting for a lock must not stop the partner's writes. 0003's ALTER TABLE needs
+/// an exclusive lock; behind a partner transaction left open, it used to wait for ever, and
+/// every later insert into the outbox queued behind it (the partner's writes stalled for as
+/// long as that transaction lived). Now it gives up the lock request within seconds and
+/// tries again, so inserts go on; it finishes once the transaction ends (adversarial review).
+#[tokio::test]
+async fn migrate_waiting_for_a_lock_never_stalls_the_partners_inserts() {
+    let db = TestDb::empty().await;
+    imprint_sync::db::migrator()
+        .run_to(2, &db.pool)
+        .await
+        .expect("migrations 1 and 2");
+    let mut open = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('held')")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+
+    let child = binary_command(&["migrate"], &[("DATABASE_URL", &db.url)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Until migrate's ALTER TABLE waits on the lock the open transaction holds.
+    let mut waited = false;
+    for _ in 0..300 {
+        waited = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE datname = current_database() AND wait_event_type = 'Lock'
+                               AND query ILIKE '%GENERATED ALWAYS%')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waited {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        waited,
+        "migrate never waited on the open transaction's lock"
+    );
+
+    // A partner insert meanwhile: it may wait a moment, never for the open transaction.
+    let mut partner = db.pool.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '15s'")
+        .execute(&mut *partner)
+        .await
+        .unwrap();
+    let insert =
+        sqlx::query("INSERT INTO imprint_sync.customer_outbox (customer_id) VALUES ('meanwhile')")
+            .execute(&mut *partner)
+            .await;
+    drop(partner);
+    open.commit().await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    insert.expect("a partner insert while migrate waits for its lock");
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    assert_fully_migrated(&db).await;
+}
