@@ -356,7 +356,10 @@ impl ScratchDatabase {
     /// Creates a fresh, empty database named `{prefix}_{random}` (not migrated).
     pub async fn create_empty(admin_url: &str, prefix: &str) -> anyhow::Result<Self> {
         use sqlx::Executor;
-        let admin = connect_options(admin_url)?;
+        // Creating and dropping a database can take seconds on a busy server: that is no
+        // "slow statement" worth a warning on the demo's screen.
+        let admin = connect_options(admin_url)?
+            .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(60));
         let name = format!("{prefix}_{:016x}", rand::random::<u64>());
         let mut conn = admin.connect().await.with_context(|| {
             format!(

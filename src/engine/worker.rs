@@ -150,11 +150,15 @@ async fn send(
                 attempts.push(log("synced", Some(status), None, None));
                 shared.stats.synced.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(http_status = status, "synced");
+                let sent = request.fields();
+                // The names of the fields Imprint returned otherwise than sent, compared as
+                // reconciliation compares them (never the values).
+                let drift = crate::reconcile::compare::drifted_fields(&sent, &customer);
                 let disposition = Disposition::Synced {
                     imprint_updated_at: customer.updated_at(),
                     statuses: customer.statuses.as_ref().map(json_text),
-                    drift: customer.drift(request).as_ref().map(json_text),
-                    accepted: json_text(&request.fields()),
+                    drift: (!drift.is_empty()).then(|| json_text(&drift)),
+                    accepted: json_text(&sent),
                     response: Some(customer.into_stored(shared.settings.keep_sensitive)),
                 };
                 return record(row, disposition, Some(status), None, None, attempts);

@@ -196,58 +196,6 @@ impl Customer {
         strip_sensitive(&mut v);
         json_text(&v)
     }
-
-    /// The fields whose returned value differs from what was sent, as
-    /// `{"field": {"sent": …, "returned": …}}`; `None` when everything sent came back.
-    pub fn drift(&self, sent: &UpdateCustomerRequest) -> Option<Value> {
-        let addr = self.address.clone().unwrap_or_default();
-        let sent_country = sent
-            .customer_history
-            .as_ref()
-            .and_then(|h| h.address.as_ref())
-            .and_then(|a| a.country.clone());
-        let pairs: [(&str, &Option<String>, &Option<String>); 11] = [
-            ("email", &sent.email, &self.email),
-            ("phone", &sent.phone, &self.phone),
-            ("first_name", &sent.first_name, &self.first_name),
-            ("last_name", &sent.last_name, &self.last_name),
-            (
-                "preferred_language",
-                &sent.preferred_language,
-                &self.preferred_language,
-            ),
-            ("street_line1", &sent.street_line1, &addr.street_line1),
-            ("street_line2", &sent.street_line2, &addr.street_line2),
-            ("city", &sent.city, &addr.city),
-            ("state", &sent.state, &addr.state),
-            ("postal_code", &sent.postal_code, &addr.postal_code),
-            ("country", &sent_country, &addr.country),
-        ];
-        let mut drift = Map::new();
-        for (field, sent, returned) in pairs {
-            if let Some(s) = sent
-                && Some(s) != returned.as_ref()
-            {
-                drift.insert(
-                    field.into(),
-                    serde_json::json!({"sent": s, "returned": returned}),
-                );
-            }
-        }
-        // Imprint may keep metadata keys it had before: only the keys sent are compared.
-        if let Some(m) = &sent.metadata {
-            let returned = self.metadata.as_ref().and_then(Value::as_object);
-            if m.iter()
-                .any(|(k, v)| returned.and_then(|r| r.get(k)) != Some(v))
-            {
-                drift.insert(
-                    "metadata".into(),
-                    serde_json::json!({"sent": m, "returned": self.metadata}),
-                );
-            }
-        }
-        (!drift.is_empty()).then_some(Value::Object(drift))
-    }
 }
 
 /// JSON text fit for a `jsonb` column: jsonb refuses `\u0000`, and a NUL inside a string
