@@ -1,4 +1,4 @@
-//! What an answer of the API means: one function classifies every answer (DESIGN §3).
+//! What an answer of the API means: one function classifies every answer (docs/design.md §3).
 
 use std::time::{Duration, SystemTime};
 
@@ -105,7 +105,7 @@ impl TransportError {
     }
 }
 
-/// Classifies one exchange (DESIGN §3). `max_retry_after` caps a 429's wait.
+/// Classifies one exchange (docs/design.md §3). `max_retry_after` caps a 429's wait.
 pub fn classify(exchange: Exchange, max_retry_after: Duration) -> Answer {
     let (status, retry_after, body) = match exchange {
         Exchange::Transport(e) => {

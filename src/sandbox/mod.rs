@@ -1,6 +1,6 @@
-//! A local emulator of Imprint's customer endpoints (DESIGN §6), with injected faults and an
-//! admin API that tells from outside what the daemon did: used by the tests, the demo, the
-//! benchmark, and partners developing locally.
+//! A local emulator of Imprint's customer endpoints (docs/design.md §6), with injected faults
+//! and an admin API that tells from outside what the daemon did: used by the tests, the demo,
+//! the benchmark, and partners developing locally.
 //!
 //! Built to be a benchmark target: no lock is held across an await or for more than a few map
 //! operations, counters are atomics, and the rate limit is a lock-free GCRA.
