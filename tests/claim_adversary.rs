@@ -1,0 +1,164 @@
+//! An adversary's cases against the claim (issue 10 §3, §4): provenance of carried values,
+//! and a customer's claim record that cannot be read.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestDb, customer_id, insert, row};
+use imprint_sync::outbox::store::{Disposition, Record, Store};
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+
+const LEASE: Duration = Duration::from_secs(60);
+
+/// A retryable outcome (a 500), due again at once.
+fn retry(id: i64, customer: &str, claim: Option<chrono::DateTime<chrono::Utc>>) -> Record {
+    Record {
+        disposition: Disposition::Retry {
+            delay: Duration::ZERO,
+            counts: true,
+        },
+        http_status: Some(500),
+        error_code: Some("http_500".into()),
+        error: Some("server error".into()),
+        ..common::refused(id, customer, claim)
+    }
+}
+
+/// §3/§4: a value carried from an older row keeps that row's age. Rows 1 (e-mail A) and 3
+/// (phone) merge into row 3, whose request fails with a 500; row 2 (e-mail B) commits late.
+/// B is newer than A and A's request never got through: the retry must carry B, else the
+/// late e-mail change is lost (Imprint keeps A for good).
+#[tokio::test]
+async fn a_carried_value_keeps_the_age_of_its_row() {
+    let db = TestDb::new().await;
+    let c = customer_id(61, 1);
+    let first = insert(&db.pool, &[json!({"customer_id": c, "email": "a@example.com"})]).await;
+    let mut late = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut late).await.unwrap();
+    let late_id: i64 = sqlx::query_scalar(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
+         VALUES ($1, 'b@example.com') RETURNING id",
+    )
+    .bind(&c)
+    .fetch_one(&mut late)
+    .await
+    .unwrap();
+    let newest = insert(&db.pool, &[json!({"customer_id": c, "phone": "+14155550103"})]).await;
+    assert!(first[0] < late_id && late_id < newest[0]);
+
+    let store = Store::new(db.pool.clone(), "prov");
+    let claim = store.claim(10, LEASE).await.unwrap();
+    assert_eq!(claim.rows.len(), 1);
+    assert_eq!(claim.rows[0].email.as_deref(), Some("a@example.com"));
+    store
+        .record(&[retry(newest[0], &c, claim.rows[0].lease_expires_at)])
+        .await
+        .unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut late).await.unwrap();
+
+    let again = store.claim(10, LEASE).await.unwrap();
+    assert_eq!(again.rows.len(), 1, "{again:?}");
+    assert_eq!(again.rows[0].id, newest[0]);
+    assert_eq!(
+        again.rows[0].email.as_deref(),
+        Some("b@example.com"),
+        "the late, newer e-mail change was lost to the older one carried by the retry"
+    );
+    assert_eq!(again.rows[0].phone.as_deref(), Some("+14155550103"));
+}
+
+/// §4 and replay: row 3 carried row 1's e-mail A and failed (400); a late row 2 with e-mail B
+/// was then sent. Replaying row 3 must not send A again: A is older than B, already sent.
+#[tokio::test]
+async fn a_replayed_carrier_never_sends_a_carried_value_backwards() {
+    let db = TestDb::new().await;
+    let c = customer_id(62, 1);
+    insert(&db.pool, &[json!({"customer_id": c, "email": "a@example.com"})]).await;
+    let mut late = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut late).await.unwrap();
+    let late_id: i64 = sqlx::query_scalar(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
+         VALUES ($1, 'b@example.com') RETURNING id",
+    )
+    .bind(&c)
+    .fetch_one(&mut late)
+    .await
+    .unwrap();
+    let newest = insert(&db.pool, &[json!({"customer_id": c, "phone": "+14155550103"})]).await;
+
+    let store = Store::new(db.pool.clone(), "replay");
+    let claim = store.claim(10, LEASE).await.unwrap();
+    assert_eq!(claim.rows[0].email.as_deref(), Some("a@example.com"));
+    store
+        .record(&[common::refused(newest[0], &c, claim.rows[0].lease_expires_at)])
+        .await
+        .unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut late).await.unwrap();
+    let late_claim = store.claim(10, LEASE).await.unwrap();
+    assert_eq!(late_claim.rows.len(), 1);
+    assert_eq!(late_claim.rows[0].id, late_id);
+    assert_eq!(late_claim.rows[0].email.as_deref(), Some("b@example.com"));
+    store
+        .record(&[common::refused(late_id, &c, late_claim.rows[0].lease_expires_at)])
+        .await
+        .unwrap();
+
+    store.replay_failed().await.unwrap();
+    let replayed = store.claim(10, LEASE).await.unwrap();
+    assert_eq!(replayed.rows.len(), 1, "{replayed:?}");
+    assert_eq!(
+        replayed.rows[0].email.as_deref(),
+        Some("b@example.com"),
+        "e-mail A (row 1) sent again after B (row 2)"
+    );
+    assert_eq!(replayed.rows[0].phone.as_deref(), Some("+14155550103"));
+}
+
+/// A customer's claim record edited by hand into something unreadable (a mark that is not a
+/// number, marks that are not an object) must not stop the claim for every customer: the
+/// other customers are claimed, and the claim never errors.
+#[tokio::test]
+async fn unreadable_marks_do_not_wedge_the_claim() {
+    let db = TestDb::new().await;
+    let bad: Vec<String> = (1..=4).map(|n| customer_id(63, n)).collect();
+    let good = customer_id(64, 1);
+    let mut rows: Vec<_> = bad
+        .iter()
+        .map(|c| json!({"customer_id": c, "email": "x@example.com"}))
+        .collect();
+    rows.push(json!({"customer_id": good, "email": "g@example.com"}));
+    insert(&db.pool, &rows).await;
+    for (c, marks) in bad.iter().zip([
+        r#"{"email": "garbage"}"#,
+        r#"{"email": 1.5e30}"#,
+        r#"[1, 2]"#,
+        r#""text""#,
+    ]) {
+        sqlx::query(
+            "INSERT INTO imprint_sync.customer_claims (customer_id, marks) VALUES ($1, $2::jsonb)",
+        )
+        .bind(c)
+        .bind(marks)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let store = Store::new(db.pool.clone(), "garbage");
+    let claim = store.claim(10, LEASE).await.expect("the claim goes on");
+    let claimed: Vec<&str> = claim.rows.iter().map(|r| r.customer_id.as_str()).collect();
+    assert!(claimed.contains(&good.as_str()), "{claimed:?}");
+    // And the claim record is readable again afterwards.
+    for c in &bad {
+        let marks: serde_json::Value = sqlx::query_scalar(
+            "SELECT marks FROM imprint_sync.customer_claims WHERE customer_id = $1",
+        )
+        .bind(c)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(marks.is_object(), "{c}: {marks}");
+    }
+    let _ = row;
+}
