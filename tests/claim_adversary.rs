@@ -34,7 +34,11 @@ fn retry(id: i64, customer: &str, claim: Option<chrono::DateTime<chrono::Utc>>) 
 async fn a_carried_value_keeps_the_age_of_its_row() {
     let db = TestDb::new().await;
     let c = customer_id(61, 1);
-    let first = insert(&db.pool, &[json!({"customer_id": c, "email": "a@example.com"})]).await;
+    let first = insert(
+        &db.pool,
+        &[json!({"customer_id": c, "email": "a@example.com"})],
+    )
+    .await;
     let mut late = PgConnection::connect(&db.url).await.unwrap();
     sqlx::raw_sql("BEGIN").execute(&mut late).await.unwrap();
     let late_id: i64 = sqlx::query_scalar(
@@ -45,7 +49,11 @@ async fn a_carried_value_keeps_the_age_of_its_row() {
     .fetch_one(&mut late)
     .await
     .unwrap();
-    let newest = insert(&db.pool, &[json!({"customer_id": c, "phone": "+14155550103"})]).await;
+    let newest = insert(
+        &db.pool,
+        &[json!({"customer_id": c, "phone": "+14155550103"})],
+    )
+    .await;
     assert!(first[0] < late_id && late_id < newest[0]);
 
     let store = Store::new(db.pool.clone(), "prov");
@@ -75,7 +83,11 @@ async fn a_carried_value_keeps_the_age_of_its_row() {
 async fn a_replayed_carrier_never_sends_a_carried_value_backwards() {
     let db = TestDb::new().await;
     let c = customer_id(62, 1);
-    insert(&db.pool, &[json!({"customer_id": c, "email": "a@example.com"})]).await;
+    insert(
+        &db.pool,
+        &[json!({"customer_id": c, "email": "a@example.com"})],
+    )
+    .await;
     let mut late = PgConnection::connect(&db.url).await.unwrap();
     sqlx::raw_sql("BEGIN").execute(&mut late).await.unwrap();
     let late_id: i64 = sqlx::query_scalar(
@@ -86,13 +98,21 @@ async fn a_replayed_carrier_never_sends_a_carried_value_backwards() {
     .fetch_one(&mut late)
     .await
     .unwrap();
-    let newest = insert(&db.pool, &[json!({"customer_id": c, "phone": "+14155550103"})]).await;
+    let newest = insert(
+        &db.pool,
+        &[json!({"customer_id": c, "phone": "+14155550103"})],
+    )
+    .await;
 
     let store = Store::new(db.pool.clone(), "replay");
     let claim = store.claim(10, LEASE).await.unwrap();
     assert_eq!(claim.rows[0].email.as_deref(), Some("a@example.com"));
     store
-        .record(&[common::refused(newest[0], &c, claim.rows[0].lease_expires_at)])
+        .record(&[common::refused(
+            newest[0],
+            &c,
+            claim.rows[0].lease_expires_at,
+        )])
         .await
         .unwrap();
     sqlx::raw_sql("COMMIT").execute(&mut late).await.unwrap();
@@ -101,7 +121,11 @@ async fn a_replayed_carrier_never_sends_a_carried_value_backwards() {
     assert_eq!(late_claim.rows[0].id, late_id);
     assert_eq!(late_claim.rows[0].email.as_deref(), Some("b@example.com"));
     store
-        .record(&[common::refused(late_id, &c, late_claim.rows[0].lease_expires_at)])
+        .record(&[common::refused(
+            late_id,
+            &c,
+            late_claim.rows[0].lease_expires_at,
+        )])
         .await
         .unwrap();
 
