@@ -186,3 +186,55 @@ async fn unreadable_marks_do_not_wedge_the_claim() {
     }
     let _ = row;
 }
+
+/// G7/G9: many pending rows of one customer, each with a megabyte value, are merged without
+/// loading every value: once more than 1 GB of one column was aggregated into an array, the
+/// claim failed for every customer, forever. The newest value (too large) fails its row
+/// naming the column; the other customer is claimed.
+#[tokio::test]
+async fn a_customer_with_a_gigabyte_of_pending_values_does_not_stop_the_claim() {
+    let db = TestDb::new().await;
+    let big = customer_id(65, 1);
+    let good = customer_id(65, 2);
+    insert(
+        &db.pool,
+        &[json!({"customer_id": good, "email": "g@example.com"})],
+    )
+    .await;
+    // Compressible values: a few MB on disk, 1.1 GB once read back.
+    sqlx::query(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, first_name)
+         SELECT $1, repeat('x', 1000000) FROM generate_series(1, 1100)",
+    )
+    .bind(&big)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let store = Store::new(db.pool.clone(), "gigabyte");
+    let claim = store.claim(10, LEASE).await.expect("the claim goes on");
+    assert_eq!(
+        claim.rows.len(),
+        2,
+        "{:?}",
+        claim
+            .rows
+            .iter()
+            .map(|r| &r.customer_id)
+            .collect::<Vec<_>>()
+    );
+    let carrier = claim.rows.iter().find(|r| r.customer_id == big).unwrap();
+    assert_eq!(
+        carrier.defect.as_ref().map(|d| d.column),
+        Some("first_name")
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM imprint_sync.customer_outbox
+         WHERE customer_id = $1 AND sync_status = 'pending'",
+    )
+    .bind(&big)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "every older row of the big customer was merged");
+}
