@@ -238,3 +238,62 @@ async fn a_customer_with_a_gigabyte_of_pending_values_does_not_stop_the_claim() 
     .unwrap();
     assert_eq!(left, 0, "every older row of the big customer was merged");
 }
+
+/// §1 (poison_row): a row whose claims kept dying must not escape the count because its
+/// customer changed again. Row S died twice; a newer row N of the same customer merges S's
+/// values (the poison, maybe) into itself: N is as suspect as S (never in a batch), and once
+/// S's claims reach `sync.max_claims` the merged row is set aside instead of sent.
+#[tokio::test]
+async fn a_newer_row_does_not_launder_a_suspect_one() {
+    let db = TestDb::new().await;
+    let c = customer_id(66, 1);
+    let other = customer_id(66, 2);
+    let suspect = insert(
+        &db.pool,
+        &[json!({"customer_id": c, "email": "s@example.com"})],
+    )
+    .await;
+    sqlx::query("UPDATE imprint_sync.customer_outbox SET claims = 2 WHERE id = $1")
+        .bind(suspect[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let newer = insert(
+        &db.pool,
+        &[
+            json!({"customer_id": c, "phone": "+14155550103"}),
+            json!({"customer_id": other, "email": "o@example.com"}),
+        ],
+    )
+    .await;
+
+    let store = Store::new(db.pool.clone(), "launder");
+    // With other rows in hand, a suspect customer is not taken.
+    let batch = store.claim_batch(10, LEASE, false).await.unwrap();
+    let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [newer[1]], "a suspect customer was claimed in a batch");
+
+    // Taken alone, the merged row dies once more (the lease runs out): S's two deaths and
+    // this one make three, and the merged row is set aside instead of sent again.
+    let alone = store.claim_batch(10, LEASE, true).await.unwrap();
+    assert_eq!(
+        alone.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [newer[0]]
+    );
+    sqlx::query(
+        "UPDATE imprint_sync.customer_outbox
+         SET sync_status = 'pending', lease_expires_at = NULL, leased_by = NULL
+         WHERE id = $1",
+    )
+    .bind(newer[0])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let again = store.claim_batch(10, LEASE, true).await.unwrap();
+    assert!(again.rows.is_empty(), "{:?}", again.rows);
+    let r = row(&db.pool, newer[0]).await;
+    assert_eq!(
+        (r.sync_status.as_str(), r.last_error_code.as_deref()),
+        ("failed", Some("poison_row"))
+    );
+}

@@ -163,7 +163,8 @@ ORDER BY next_attempt_at, id
 LIMIT $3";
 
 /// Statement 2: per candidate customer, in order: the claim lock, a row in flight, a quiet
-/// period, a suspect carrier (claimed before and never written back). `LIMIT 1` sub-selects,
+/// period, a suspect row (claimed before and never written back; any pending row of the
+/// customer, since the merge carries every one). `LIMIT 1` sub-selects,
 /// not `EXISTS`: the planner may turn an `EXISTS` into a hashed scan of every pending row.
 const GATE_SQL: &str = "
 SELECT c.customer_id,
@@ -173,9 +174,9 @@ SELECT c.customer_id,
          LIMIT 1) IS NOT NULL AS busy,
        (SELECT s.hold_until FROM imprint_sync.customer_claims s
          WHERE s.customer_id = c.customer_id AND s.hold_until > now()) AS held_until,
-       COALESCE((SELECT p.claims FROM imprint_sync.customer_outbox p
-                  WHERE p.customer_id = c.customer_id AND p.sync_status = 'pending'
-                  ORDER BY p.id DESC LIMIT 1) > 0, false) AS suspect
+       (SELECT true FROM imprint_sync.customer_outbox p
+         WHERE p.customer_id = c.customer_id AND p.sync_status = 'pending' AND p.claims > 0
+         LIMIT 1) IS NOT NULL AS suspect
 FROM unnest($1::text[]) WITH ORDINALITY AS c(customer_id, n)
 ORDER BY c.n";
 
@@ -274,7 +275,9 @@ WITH m AS MATERIALIZED (
         SELECT max(r.id) AS carrier,
                (array_agg(r.id ORDER BY r.id DESC))[2:] AS older_ids,
                (array_agg(r.due ORDER BY r.id DESC))[1] AS due,
-               (array_agg(r.claims ORDER BY r.id DESC))[1] AS claims,
+               -- The merge carries every row's values, so also the count of any row whose
+               -- claims kept dying: a newer row does not launder a suspect one.
+               max(r.claims) AS claims,
                {aggregates}
         FROM (
             SELECT o.id, o.claims, o.next_attempt_at <= now() AS due, {ages}
@@ -328,13 +331,13 @@ carried AS (
         sync_status = CASE p.fate WHEN 'claim' THEN 'in_flight' WHEN 'poison' THEN 'failed'
                                   WHEN 'superseded' THEN 'superseded' ELSE 'pending' END,
         superseded_by = CASE WHEN p.fate = 'superseded' THEN p.newest_mark END,
-        claims = o.claims + (p.fate = 'claim')::int,
+        claims = p.claims + (p.fate = 'claim')::int,
         lease_expires_at = CASE WHEN p.fate = 'claim'
                                 THEN now() + $2 * interval '1 millisecond' END,
         leased_by = CASE WHEN p.fate = 'claim' THEN $3 END,
         last_error_code = CASE WHEN p.fate = 'poison' THEN 'poison_row' ELSE o.last_error_code END,
         last_error = CASE WHEN p.fate = 'poison'
-            THEN format('outbox row %s: claimed %s times without an outcome (the process died or lost the lease while working it); set aside', o.id, o.claims)
+            THEN format('outbox row %s: claimed %s times without an outcome (the process died or lost the lease while working it); set aside', o.id, p.claims)
             ELSE o.last_error END,
         updated_at = now()
     FROM q AS p
