@@ -297,3 +297,104 @@ async fn a_newer_row_does_not_launder_a_suspect_one() {
         ("failed", Some("poison_row"))
     );
 }
+
+/// G7: hostile rows, each failing alone naming what is wrong, while the good rows beside them
+/// sync: timestamps at the type's ends, metadata that is not an object, every text column a
+/// megabyte at once, customer ids that are huge, empty, multi-line or an e-mail, odd unicode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_rows_fail_alone() {
+    let db = TestDb::new().await;
+    let sandbox = common::sandbox(imprint_sync::sandbox::Faults::default()).await;
+    let texts = [
+        "email",
+        "phone",
+        "first_name",
+        "last_name",
+        "preferred_language",
+        "street_line1",
+        "street_line2",
+        "city",
+        "state",
+        "postal_code",
+        "country",
+        "ltv_currency",
+        "loyalty_tier",
+    ];
+    let megabyte_everywhere = format!(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, {cols})
+         SELECT '{id}', {vals}",
+        cols = texts.join(", "),
+        id = customer_id(67, 1),
+        vals = texts
+            .iter()
+            .map(|_| "repeat('é', 600000)")
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(megabyte_everywhere))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let hostile: Vec<(String, &str)> = vec![
+        (customer_id(67, 2), "account_created_at = '-infinity'"),
+        (customer_id(67, 3), "account_created_at = '294276-01-01'"),
+        (customer_id(67, 4), "metadata = '[1, 2]'"),
+        (customer_id(67, 5), "metadata = '\"text\"'"),
+        (customer_id(67, 6), "metadata = 'null'"),
+        (
+            customer_id(67, 7),
+            "first_name = E'\\u202Eevil\\u0007\\uFEFF'",
+        ),
+        (
+            customer_id(67, 8),
+            "account_tenure = 2147483647, ltv_amount = -9223372036854775808",
+        ),
+        ("x".repeat(100_000), "email = 'a@example.com'"),
+        (String::new(), "email = 'b@example.com'"),
+        ("A\nB".to_owned(), "email = 'c@example.com'"),
+        ("ada@example.com".to_owned(), "email = 'd@example.com'"),
+    ];
+    let mut ids = Vec::new();
+    for (c, set) in &hostile {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO imprint_sync.customer_outbox (customer_id, email) VALUES ($1, 'h@example.com')
+             RETURNING id",
+        )
+        .bind(c)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "UPDATE imprint_sync.customer_outbox SET {set} WHERE id = {id}"
+        )))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let good: Vec<_> = (1..=20)
+        .map(|n| common::profile(&customer_id(68, n), 1))
+        .collect();
+    insert(&db.pool, &good).await;
+
+    let summary = common::run_once(&db, &sandbox.base_url(), &[]).await;
+    assert_eq!(summary.synced, 20, "{summary:?}");
+    let failed: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, sync_status, last_error FROM imprint_sync.customer_outbox
+         WHERE customer_id NOT LIKE '00000044-%' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for (id, status, error) in &failed {
+        assert_eq!(status, "failed", "row {id}: {error:?}");
+        let error = error.as_deref().unwrap_or_default();
+        assert!(
+            error.len() < 2_000,
+            "row {id}: an error of {} bytes",
+            error.len()
+        );
+        assert!(!error.contains("ada@example.com"), "row {id}: {error}");
+    }
+    assert_eq!(failed.len(), 12, "{failed:?}");
+}
