@@ -26,14 +26,9 @@ fn retry(id: i64, customer: &str, claim: Option<chrono::DateTime<chrono::Utc>>) 
     }
 }
 
-/// §3/§4: a value carried from an older row keeps that row's age. Rows 1 (e-mail A) and 3
-/// (phone) merge into row 3, whose request fails with a 500; row 2 (e-mail B) commits late.
-/// B is newer than A and A's request never got through: the retry must carry B, else the
-/// late e-mail change is lost (Imprint keeps A for good).
-#[tokio::test]
-async fn a_carried_value_keeps_the_age_of_its_row() {
-    let db = TestDb::new().await;
-    let c = customer_id(61, 1);
+/// Row 1 (e-mail A), row 2 (e-mail B) inserted in a transaction left open (it commits late:
+/// the caller commits on the connection returned) and row 3 (phone), for customer `c`.
+async fn late_between(db: &TestDb, c: &str) -> (PgConnection, i64, i64) {
     let first = insert(
         &db.pool,
         &[json!({"customer_id": c, "email": "a@example.com"})],
@@ -45,7 +40,7 @@ async fn a_carried_value_keeps_the_age_of_its_row() {
         "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
          VALUES ($1, 'b@example.com') RETURNING id",
     )
-    .bind(&c)
+    .bind(c)
     .fetch_one(&mut late)
     .await
     .unwrap();
@@ -53,22 +48,34 @@ async fn a_carried_value_keeps_the_age_of_its_row() {
         &db.pool,
         &[json!({"customer_id": c, "phone": "+14155550103"})],
     )
-    .await;
-    assert!(first[0] < late_id && late_id < newest[0]);
+    .await[0];
+    assert!(first[0] < late_id && late_id < newest);
+    (late, late_id, newest)
+}
+
+/// §3/§4: a value carried from an older row keeps that row's age. Rows 1 (e-mail A) and 3
+/// (phone) merge into row 3, whose request fails with a 500; row 2 (e-mail B) commits late.
+/// B is newer than A and A's request never got through: the retry must carry B, else the
+/// late e-mail change is lost (Imprint keeps A for good).
+#[tokio::test]
+async fn a_carried_value_keeps_the_age_of_its_row() {
+    let db = TestDb::new().await;
+    let c = customer_id(61, 1);
+    let (mut late, _, newest) = late_between(&db, &c).await;
 
     let store = Store::new(db.pool.clone(), "prov");
     let claim = store.claim(10, LEASE).await.unwrap();
     assert_eq!(claim.rows.len(), 1);
     assert_eq!(claim.rows[0].email.as_deref(), Some("a@example.com"));
     store
-        .record(&[retry(newest[0], &c, claim.rows[0].lease_expires_at)])
+        .record(&[retry(newest, &c, claim.rows[0].lease_expires_at)])
         .await
         .unwrap();
     sqlx::raw_sql("COMMIT").execute(&mut late).await.unwrap();
 
     let again = store.claim(10, LEASE).await.unwrap();
     assert_eq!(again.rows.len(), 1, "{again:?}");
-    assert_eq!(again.rows[0].id, newest[0]);
+    assert_eq!(again.rows[0].id, newest);
     assert_eq!(
         again.rows[0].email.as_deref(),
         Some("b@example.com"),
@@ -83,36 +90,13 @@ async fn a_carried_value_keeps_the_age_of_its_row() {
 async fn a_replayed_carrier_never_sends_a_carried_value_backwards() {
     let db = TestDb::new().await;
     let c = customer_id(62, 1);
-    insert(
-        &db.pool,
-        &[json!({"customer_id": c, "email": "a@example.com"})],
-    )
-    .await;
-    let mut late = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::raw_sql("BEGIN").execute(&mut late).await.unwrap();
-    let late_id: i64 = sqlx::query_scalar(
-        "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
-         VALUES ($1, 'b@example.com') RETURNING id",
-    )
-    .bind(&c)
-    .fetch_one(&mut late)
-    .await
-    .unwrap();
-    let newest = insert(
-        &db.pool,
-        &[json!({"customer_id": c, "phone": "+14155550103"})],
-    )
-    .await;
+    let (mut late, late_id, newest) = late_between(&db, &c).await;
 
     let store = Store::new(db.pool.clone(), "replay");
     let claim = store.claim(10, LEASE).await.unwrap();
     assert_eq!(claim.rows[0].email.as_deref(), Some("a@example.com"));
     store
-        .record(&[common::refused(
-            newest[0],
-            &c,
-            claim.rows[0].lease_expires_at,
-        )])
+        .record(&[common::refused(newest, &c, claim.rows[0].lease_expires_at)])
         .await
         .unwrap();
     sqlx::raw_sql("COMMIT").execute(&mut late).await.unwrap();
@@ -184,7 +168,6 @@ async fn unreadable_marks_do_not_wedge_the_claim() {
         .unwrap();
         assert!(marks.is_object(), "{c}: {marks}");
     }
-    let _ = row;
 }
 
 /// G7/G9: many pending rows of one customer, each with a megabyte value, are merged without
