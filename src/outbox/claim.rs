@@ -217,7 +217,8 @@ fn merge_sql() -> &'static str {
         };
         // A row's value of a column is as old as the row it came from: its own, or the one
         // a merge carried it from (`origins`), so a carried value never passes for newer than
-        // it is. It counts when set and not below the customer's mark for the column. Only
+        // it is (and never newer than the row holding it, whatever `origins` says). It counts
+        // when set and not below the customer's mark for the column. Only
         // ages are aggregated (no value is loaded here, however large), and the newest wins.
         let aggregates = list(
             &|c| {
@@ -232,7 +233,7 @@ fn merge_sql() -> &'static str {
         let ages = list(
             &|c| {
                 format!(
-                    "CASE WHEN o.{c} IS NOT NULL THEN COALESCE({}, o.id) END AS {c}_age",
+                    "CASE WHEN o.{c} IS NOT NULL THEN LEAST(COALESCE({}, o.id), o.id) END AS {c}_age",
                     number(&format!("o.origins->'{c}'"))
                 )
             },
