@@ -35,3 +35,9 @@ DROP INDEX imprint_sync.customer_outbox_in_flight_lease_idx;
 CREATE INDEX customer_outbox_in_flight_lease_idx
     ON imprint_sync.customer_outbox (lease_expires_at)
     WHERE sync_status = 'in_flight' AND lease_expires_at IS NOT NULL;
+
+-- Per row, the age of each value a merge carried into it from an older row
+-- ({"email": 812}): the id of the row the value came from. A carried value keeps its age, so a
+-- retry or a replay of the carrier never passes it off as newer than a row committed since
+-- (G2, G3). NULL (no rewrite) for rows no merge touched.
+ALTER TABLE imprint_sync.customer_outbox ADD COLUMN origins jsonb;

@@ -163,7 +163,8 @@ ORDER BY next_attempt_at, id
 LIMIT $3";
 
 /// Statement 2: per candidate customer, in order: the claim lock, a row in flight, a quiet
-/// period, a suspect carrier (claimed before and never written back). `LIMIT 1` sub-selects,
+/// period, a suspect row (claimed before and never written back; any pending row of the
+/// customer, since the merge carries every one). `LIMIT 1` sub-selects,
 /// not `EXISTS`: the planner may turn an `EXISTS` into a hashed scan of every pending row.
 const GATE_SQL: &str = "
 SELECT c.customer_id,
@@ -173,9 +174,9 @@ SELECT c.customer_id,
          LIMIT 1) IS NOT NULL AS busy,
        (SELECT s.hold_until FROM imprint_sync.customer_claims s
          WHERE s.customer_id = c.customer_id AND s.hold_until > now()) AS held_until,
-       COALESCE((SELECT p.claims FROM imprint_sync.customer_outbox p
-                  WHERE p.customer_id = c.customer_id AND p.sync_status = 'pending'
-                  ORDER BY p.id DESC LIMIT 1) > 0, false) AS suspect
+       (SELECT true FROM imprint_sync.customer_outbox p
+         WHERE p.customer_id = c.customer_id AND p.sync_status = 'pending' AND p.claims > 0
+         LIMIT 1) IS NOT NULL AS suspect
 FROM unnest($1::text[]) WITH ORDINALITY AS c(customer_id, n)
 ORDER BY c.n";
 
@@ -197,6 +198,15 @@ SET sync_status = 'failed', last_error_code = 'invalid_profile',
     updated_at = now()
 WHERE id = ANY($1) AND sync_status = 'pending'";
 
+/// A row id read from the JSON value `json` (a mark, an origin): a number, clamped to the
+/// range of ids, else NULL. Never an error, whatever was written there by hand.
+fn number(json: &str) -> String {
+    format!(
+        "CASE WHEN jsonb_typeof({json}) = 'number'
+              THEN LEAST(GREATEST(({json})::text::numeric, 0), 9223372036854775807)::bigint END"
+    )
+}
+
 /// Statement 4, built once from [`COLUMNS`]: merge per column, supersede, claim, move marks.
 fn merge_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
@@ -205,26 +215,44 @@ fn merge_sql() -> &'static str {
         let list = |f: &dyn Fn(&str) -> String, sep: &str| {
             cols.iter().map(|c| f(c)).collect::<Vec<_>>().join(sep)
         };
-        // A row's value of a column counts when set and not below the customer's mark.
-        let eligible = |c: &str| {
-            format!("r.{c} IS NOT NULL AND r.id >= COALESCE((k.marks->>'{c}')::bigint, 0)")
-        };
+        // A row's value of a column is as old as the row it came from: its own, or the one
+        // a merge carried it from (`origins`), so a carried value never passes for newer than
+        // it is (and never newer than the row holding it, whatever `origins` says). It counts
+        // when set and not below the customer's mark for the column. Only
+        // ages are aggregated (no value is loaded here, however large), and the newest wins.
         let aggregates = list(
             &|c| {
-                format!(
-                    "(array_agg(r.{c} ORDER BY r.id DESC) FILTER (WHERE {e}))[1] AS {c},
-               (array_agg(r.id ORDER BY r.id DESC) FILTER (WHERE {e}))[1] AS {c}_from",
-                    e = eligible(c)
-                )
+                let pick = format!(
+                    "max(ARRAY[r.{c}_age, r.id]) FILTER (WHERE r.{c}_age >= COALESCE({}, 0))",
+                    number(&format!("k.marks->'{c}'"))
+                );
+                format!("({pick})[1] AS {c}_from, ({pick})[2] AS {c}_row")
             },
             ",\n               ",
         );
+        let ages = list(
+            &|c| {
+                format!(
+                    "CASE WHEN o.{c} IS NOT NULL THEN LEAST(COALESCE({}, o.id), o.id) END AS {c}_age",
+                    number(&format!("o.origins->'{c}'"))
+                )
+            },
+            ", ",
+        );
         let anything = list(&|c| format!("m.{c}_from IS NOT NULL"), " OR ");
+        // The winning value is copied into the carrier from its row (one key look-up each).
         let fill = list(
-            &|c| format!("{c} = CASE WHEN p.fate = 'superseded' THEN o.{c} ELSE COALESCE(o.{c}, p.{c}) END"),
+            &|c| {
+                format!(
+                    "{c} = CASE WHEN p.fate = 'superseded' OR p.{c}_row IS NULL OR p.{c}_row = o.id
+                     THEN o.{c}
+                     ELSE (SELECT x.{c} FROM imprint_sync.customer_outbox x WHERE x.id = p.{c}_row) END"
+                )
+            },
             ",\n    ",
         );
         let marks = list(&|c| format!("'{c}', p.{c}_from"), ", ");
+        let newest = number("e.v");
         let returned = bounded_columns(true);
         format!(
             r#"
@@ -237,18 +265,23 @@ WITH m AS MATERIALIZED (
     -- OFFSET 0 keeps this look-up one per customer: pulled up, it would be repeated in
     -- every column's filter below.
     CROSS JOIN LATERAL (
+        -- Marks that are not an object (edited by hand) count as none: one customer's
+        -- unreadable record must not fail the claim of every customer.
         SELECT COALESCE((SELECT s.marks FROM imprint_sync.customer_claims s
-                          WHERE s.customer_id = c.customer_id), '{{}}'::jsonb) AS marks
+                          WHERE s.customer_id = c.customer_id
+                            AND jsonb_typeof(s.marks) = 'object'), '{{}}'::jsonb) AS marks
         OFFSET 0
     ) k
     CROSS JOIN LATERAL (
         SELECT max(r.id) AS carrier,
                (array_agg(r.id ORDER BY r.id DESC))[2:] AS older_ids,
                (array_agg(r.due ORDER BY r.id DESC))[1] AS due,
-               (array_agg(r.claims ORDER BY r.id DESC))[1] AS claims,
+               -- The merge carries every row's values, so also the count of any row whose
+               -- claims kept dying: a newer row does not launder a suspect one.
+               max(r.claims) AS claims,
                {aggregates}
         FROM (
-            SELECT o.id, o.claims, o.next_attempt_at <= now() AS due, {plain}
+            SELECT o.id, o.claims, o.next_attempt_at <= now() AS due, {ages}
             FROM imprint_sync.customer_outbox o
             WHERE o.customer_id = c.customer_id AND o.sync_status = 'pending'
             ORDER BY o.id
@@ -270,7 +303,7 @@ p AS MATERIALIZED (
 q AS MATERIALIZED (
     SELECT p.*,
            CASE WHEN p.fate = 'superseded'
-                THEN (SELECT max(v::bigint) FROM jsonb_each_text(p.marks) AS e(k, v)) END
+                THEN (SELECT max({newest}) FROM jsonb_each(p.marks) AS e(k, v)) END
                AS newest_mark
     FROM p
 ),
@@ -285,21 +318,27 @@ marked AS (
     INSERT INTO imprint_sync.customer_claims AS s (customer_id, marks)
     SELECT p.customer_id, jsonb_strip_nulls(jsonb_build_object({marks}))
     FROM q AS p WHERE p.fate = 'claim'
-    ON CONFLICT (customer_id) DO UPDATE SET marks = s.marks || EXCLUDED.marks
+    ON CONFLICT (customer_id) DO UPDATE
+    SET marks = CASE WHEN jsonb_typeof(s.marks) = 'object' THEN s.marks ELSE '{{}}' END
+                || EXCLUDED.marks
 ),
 carried AS (
     UPDATE imprint_sync.customer_outbox o
     SET {fill},
+        origins = CASE WHEN p.fate = 'superseded' THEN o.origins
+                       ELSE COALESCE(CASE WHEN jsonb_typeof(o.origins) = 'object'
+                                          THEN o.origins END, '{{}}')
+                            || jsonb_strip_nulls(jsonb_build_object({marks})) END,
         sync_status = CASE p.fate WHEN 'claim' THEN 'in_flight' WHEN 'poison' THEN 'failed'
                                   WHEN 'superseded' THEN 'superseded' ELSE 'pending' END,
         superseded_by = CASE WHEN p.fate = 'superseded' THEN p.newest_mark END,
-        claims = o.claims + (p.fate = 'claim')::int,
+        claims = p.claims + (p.fate = 'claim')::int,
         lease_expires_at = CASE WHEN p.fate = 'claim'
                                 THEN now() + $2 * interval '1 millisecond' END,
         leased_by = CASE WHEN p.fate = 'claim' THEN $3 END,
         last_error_code = CASE WHEN p.fate = 'poison' THEN 'poison_row' ELSE o.last_error_code END,
         last_error = CASE WHEN p.fate = 'poison'
-            THEN format('outbox row %s: claimed %s times without an outcome (the process died or lost the lease while working it); set aside', o.id, o.claims)
+            THEN format('outbox row %s: claimed %s times without an outcome (the process died or lost the lease while working it); set aside', o.id, p.claims)
             ELSE o.last_error END,
         updated_at = now()
     FROM q AS p
@@ -309,7 +348,6 @@ carried AS (
 )
 SELECT (SELECT sum(cardinality(older_ids)) FROM q)::int8 AS older, c.* FROM carried c
 "#,
-            plain = list(&|c| format!("o.{c}"), ", "),
         )
     })
 }
