@@ -1521,6 +1521,7 @@ mod roles {
             "INSERT INTO imprint_sync._sqlx_migrations (version, description, success, checksum, execution_time)
              VALUES (999, 'x', true, '\\x00', 0)",
             "DELETE FROM imprint_sync.customer_sync_state",
+            "DELETE FROM imprint_sync.customer_claims",
             "UPDATE imprint_sync.sync_attempts SET outcome = 'synced'",
             "SELECT nextval(pg_get_serial_sequence('imprint_sync.customer_outbox', 'id'))",
         ] {

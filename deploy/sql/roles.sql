@@ -60,6 +60,7 @@ GRANT USAGE ON SCHEMA imprint_sync TO imprint_sync_daemon, imprint_sync_writer;
 --                         of the partner's columns only, for `reconcile --repair` (a row
 --                         holding the profile Imprint accepted); never the daemon's columns.
 --    customer_sync_state  read and upsert; never DELETE.
+--    customer_claims      read and upsert (per-column marks, the quiet period); never DELETE.
 --    sync_attempts        append (INSERT) and retention (DELETE); never UPDATE: it is a log.
 --    workers              the heartbeat: upsert, and forget dead replicas.
 --    reconcile_runs       append (INSERT) a summary per `reconcile` run; read by `status`.
@@ -75,6 +76,7 @@ BEGIN
     FOR t IN SELECT * FROM (VALUES
             ('customer_outbox', 'SELECT, UPDATE, DELETE'),
             ('customer_sync_state', 'SELECT, INSERT, UPDATE'),
+            ('customer_claims', 'SELECT, INSERT, UPDATE'),
             ('sync_attempts', 'SELECT, INSERT, DELETE'),
             ('workers', 'SELECT, INSERT, UPDATE, DELETE'),
             ('reconcile_runs', 'SELECT, INSERT'),
