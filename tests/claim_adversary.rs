@@ -113,7 +113,7 @@ async fn a_replayed_carrier_never_sends_a_carried_value_backwards() {
         .await
         .unwrap();
 
-    store.replay_failed().await.unwrap();
+    store.replay_failed(&Default::default()).await.unwrap();
     let replayed = store.claim(10, LEASE).await.unwrap();
     assert_eq!(replayed.rows.len(), 1, "{replayed:?}");
     assert_eq!(
