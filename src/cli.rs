@@ -91,8 +91,15 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "d" => 86_400,
         _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
     };
-    Ok(std::time::Duration::from_secs(n.saturating_mul(unit_secs)))
+    Ok(std::time::Duration::from_secs(
+        n.saturating_mul(unit_secs).min(LONGEST_WINDOW_SECS),
+    ))
 }
+
+/// The longest `--since` window, 1000 years: longer means "everything", and PostgreSQL cannot
+/// compute `now()` minus more than about 6700 years (it refused the query, which then blamed
+/// an unmigrated schema).
+pub const LONGEST_WINDOW_SECS: u64 = 1_000 * 365 * 86_400;
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct FailedArgs {
