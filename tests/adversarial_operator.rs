@@ -77,3 +77,23 @@ async fn failed_with_a_window_longer_than_history_lists_everything() {
         assert_eq!(v["total"], 1, "--since {since}");
     }
 }
+
+#[tokio::test]
+async fn status_check_refuses_thresholds_that_can_never_or_always_breach() {
+    let db = TestDb::new().await;
+    // NaN and infinity never breach (a probe that can never fail); a negative one always does.
+    for bad in [
+        "--max-oldest-pending=NaN",
+        "--max-oldest-pending=inf",
+        "--max-oldest-pending=-5",
+        "--max-failed=-1",
+    ] {
+        let (code, text) = cli(&db, &["status", "--check", bad]);
+        assert_eq!(code, 64, "{bad}:\n{text}");
+        let flag = bad.split('=').next().unwrap_or_default();
+        assert!(
+            text.contains(flag),
+            "{bad}: the error names the flag:\n{text}"
+        );
+    }
+}
