@@ -91,8 +91,15 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "d" => 86_400,
         _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
     };
-    Ok(std::time::Duration::from_secs(n.saturating_mul(unit_secs)))
+    Ok(std::time::Duration::from_secs(
+        n.saturating_mul(unit_secs).min(LONGEST_WINDOW_SECS),
+    ))
 }
+
+/// The longest `--since` window, 1000 years: longer means "everything", and PostgreSQL cannot
+/// compute `now()` minus more than about 6700 years (it refused the query, which then blamed
+/// an unmigrated schema).
+pub const LONGEST_WINDOW_SECS: u64 = 1_000 * 365 * 86_400;
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct FailedArgs {
@@ -106,6 +113,15 @@ pub struct FailedArgs {
     pub json: bool,
 }
 
+/// A `status --check` age threshold: finite and not negative. NaN or infinity never breach
+/// (a probe that can never fail), a negative one always does.
+fn parse_threshold(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{text:?}: expected a number of seconds, 0 or more")),
+    }
+}
+
 #[derive(Debug, Args, Clone, Default)]
 pub struct StatusArgs {
     /// One JSON object instead of a table.
@@ -115,10 +131,10 @@ pub struct StatusArgs {
     #[arg(long)]
     pub check: bool,
     /// With --check: the oldest pending row may be at most this old (seconds).
-    #[arg(long, value_name = "SECONDS", requires = "check")]
+    #[arg(long, value_name = "SECONDS", requires = "check", value_parser = parse_threshold)]
     pub max_oldest_pending: Option<f64>,
     /// With --check: at most this many failed rows.
-    #[arg(long, value_name = "N", requires = "check")]
+    #[arg(long, value_name = "N", requires = "check", value_parser = clap::value_parser!(i64).range(0..))]
     pub max_failed: Option<i64>,
     /// With --check: at least this many live replicas.
     #[arg(long, value_name = "N", requires = "check")]

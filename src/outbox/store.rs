@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
-use super::dead_letters::{self, Binds, DeadLetter, MATCHES};
+use super::dead_letters::{self, Binds, DeadLetter, MATCHES, PERSONAL};
 use super::model::OutboxRow;
 
 /// The outbox, seen by one worker process.
@@ -395,7 +395,7 @@ RETURNING o.id
         let sql = format!(
             r#"{scope}
 SELECT o.id, o.customer_id, COALESCE(o.last_error_code, 'unknown') AS error_code,
-       o.last_error, o.last_http_status, o.attempts, o.updated_at
+       o.last_error, o.last_http_status, o.attempts, o.updated_at, {PERSONAL}
 FROM imprint_sync.customer_outbox o JOIN back b ON b.id = o.id
 ORDER BY o.id
 "#

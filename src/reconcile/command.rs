@@ -150,7 +150,9 @@ pub fn parse_since(v: &str) -> Result<Duration, String> {
         "d" => 86_400,
         _ => return Err(format!("`{v}`: the unit must be s, m, h or d (e.g. 24h)")),
     };
-    Ok(Duration::from_secs(n.saturating_mul(secs)))
+    Ok(Duration::from_secs(
+        n.saturating_mul(secs).min(crate::cli::LONGEST_WINDOW_SECS),
+    ))
 }
 
 /// Runs `imprint-sync reconcile`; returns the exit code.
