@@ -149,11 +149,13 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Failed(args) => crate::inspect::failed(&settings, &args)
             .await
             .map(|()| exit::OK),
-        Command::History { customer_id, json } => {
-            crate::inspect::history(&settings, &customer_id, json)
-                .await
-                .map(|()| exit::OK)
-        }
+        Command::History {
+            customer_id,
+            limit,
+            json,
+        } => crate::inspect::history(&settings, &customer_id, limit, json)
+            .await
+            .map(|()| exit::OK),
         Command::Demo(args) => crate::demo::demo(&settings, args).await,
         Command::Completions { .. } | Command::Man => {
             unreachable!("answered before the configuration is loaded")

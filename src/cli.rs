@@ -31,6 +31,9 @@ pub enum Command {
     History {
         /// The customer's id (Imprint's UUID, as in the outbox).
         customer_id: String,
+        /// Show the newest N outbox rows (and their attempts); `rows_total` counts them all.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
         /// One JSON object instead of tables.
         #[arg(long)]
         json: bool,

@@ -70,9 +70,14 @@ pub fn dead_letter_table(rows: &[DeadLetter]) -> String {
 }
 
 /// Prints one customer's history.
-pub async fn history(settings: &Settings, customer_id: &str, json: bool) -> anyhow::Result<()> {
+pub async fn history(
+    settings: &Settings,
+    customer_id: &str,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<()> {
     let pool = db::connect_now(&settings.database).await?;
-    let h = history::load(&pool, customer_id)
+    let h = history::load(&pool, customer_id, limit)
         .await
         .with_context(|| format!("reading customer {customer_id}'s history ({SCHEMA_HINT})"))?;
     if json {
@@ -120,7 +125,16 @@ pub fn history_text(h: &History) -> String {
             ]
         })
         .collect();
-    out.push_str(&format!("\noutbox rows ({})\n", h.rows.len()));
+    let shown = if h.rows_total > h.rows.len() as i64 {
+        format!(
+            "the newest {} of {}; --limit shows more",
+            h.rows.len(),
+            h.rows_total
+        )
+    } else {
+        h.rows.len().to_string()
+    };
+    out.push_str(&format!("\noutbox rows ({shown})\n"));
     out.push_str(&table(
         &[
             "ID",

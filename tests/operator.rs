@@ -236,7 +236,13 @@ async fn history_tells_a_customers_story_without_personal_values() {
     let v = json(&ok(&db, &["history", "C-C", "--json"]));
     assert_eq!(
         keys(&v),
-        BTreeSet::from(["customer_id", "sync_state", "rows", "attempts"])
+        BTreeSet::from([
+            "customer_id",
+            "sync_state",
+            "rows_total",
+            "rows",
+            "attempts"
+        ])
     );
     assert_eq!(v["customer_id"], "C-C");
     let rows = v["rows"].as_array().unwrap();
@@ -306,6 +312,33 @@ async fn history_tells_a_customers_story_without_personal_values() {
     assert!(v["sync_state"].is_null());
     assert_eq!(v["rows"], serde_json::json!([]));
     assert!(ok(&db, &["history", "C-NOBODY"]).contains("never synced"));
+}
+
+/// A customer with a long story: `history` shows the newest rows only, and says how many
+/// there are in all.
+#[tokio::test]
+async fn history_of_a_long_story_is_bounded_and_counts_everything() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
+         SELECT 'C-BIG', 'v' || g || '@example.com' FROM generate_series(1, 5000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let v = json(&ok(&db, &["history", "C-BIG", "--json", "--limit", "3"]));
+    assert_eq!(v["rows_total"], 5000);
+    let ids: Vec<i64> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [4998, 4999, 5000], "the newest three, oldest first");
+    let text = ok(&db, &["history", "C-BIG"]);
+    assert!(text.contains("the newest 100 of 5000"), "{text}");
+    let out = cli(&db, &["history", "C-BIG", "--limit", "0"]);
+    assert_eq!(out.status.code(), Some(64), "{}", output_text(&out));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -46,20 +46,31 @@ pub struct SyncState {
 pub struct History {
     pub customer_id: String,
     pub sync_state: Option<SyncState>,
+    /// Every outbox row of the customer; `rows` holds the newest `--limit` of them.
+    pub rows_total: i64,
     pub rows: Vec<HistoryRow>,
     pub attempts: Vec<Attempt>,
 }
 
-/// Reads a customer's history, oldest first; each read goes through a per-customer index
-/// (or the attempts' outbox-id index, driven by the customer's rows).
-pub async fn load(pool: &PgPool, customer_id: &str) -> sqlx::Result<History> {
-    let rows: Vec<HistoryRow> = sqlx::query_as(
+/// Reads a customer's newest `limit` rows and their attempts, oldest first; each read goes
+/// through a per-customer index (or the attempts' outbox-id index, driven by those rows), so
+/// a customer with a long history costs no more than `limit` rows.
+pub async fn load(pool: &PgPool, customer_id: &str, limit: u32) -> sqlx::Result<History> {
+    let mut rows: Vec<HistoryRow> = sqlx::query_as(
         "SELECT id, sync_status AS status, enqueued_at, synced_at, attempts,
                 last_error_code AS error_code, superseded_by
-         FROM imprint_sync.customer_outbox WHERE customer_id = $1 ORDER BY id",
+         FROM imprint_sync.customer_outbox WHERE customer_id = $1 ORDER BY id DESC LIMIT $2",
     )
     .bind(customer_id)
+    .bind(i64::from(limit))
     .fetch_all(pool)
+    .await?;
+    rows.reverse();
+    let rows_total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM imprint_sync.customer_outbox WHERE customer_id = $1",
+    )
+    .bind(customer_id)
+    .fetch_one(pool)
     .await?;
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     // By outbox id (indexed) and customer: attempts of rows already pruned are gone anyway.
@@ -87,6 +98,7 @@ pub async fn load(pool: &PgPool, customer_id: &str) -> sqlx::Result<History> {
     Ok(History {
         customer_id: customer_id.to_owned(),
         sync_state,
+        rows_total,
         rows,
         attempts,
     })
