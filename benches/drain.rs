@@ -686,12 +686,7 @@ async fn explain_plans(
     let end = std::fs::metadata(log)?.len();
     give_back(pool, "bench-auto-explain").await?;
 
-    use std::io::{Read, Seek};
-    let mut f = std::fs::File::open(log)?;
-    f.seek(std::io::SeekFrom::Start(start))?;
-    let mut bytes = Vec::new();
-    f.take(end.saturating_sub(start)).read_to_end(&mut bytes)?;
-    let text = String::from_utf8_lossy(&bytes);
+    let text = read_log(log, start, end)?;
     let marker = format!("@{db} LOG:  duration: ");
     let lines: Vec<&str> = text.lines().collect();
     let mut out = vec![format!(
@@ -883,6 +878,16 @@ ORDER BY 1, 5 DESC
     Ok(rows)
 }
 
+/// The part of the server log written between two file lengths.
+fn read_log(path: &str, start: u64, end: u64) -> anyhow::Result<String> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(std::io::SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    f.take(end.saturating_sub(start)).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// Database time by statement kind, from the server log written since `start`:
 /// `duration:` lines of the bench database (parse, bind and execute each have one).
 fn statement_profile(
@@ -891,12 +896,7 @@ fn statement_profile(
     end: u64,
     db: &str,
 ) -> anyhow::Result<BTreeMap<String, (u64, f64)>> {
-    use std::io::{Read, Seek};
-    let mut f = std::fs::File::open(path)?;
-    f.seek(std::io::SeekFrom::Start(start))?;
-    let mut bytes = Vec::new();
-    f.take(end.saturating_sub(start)).read_to_end(&mut bytes)?;
-    let text = String::from_utf8_lossy(&bytes);
+    let text = read_log(path, start, end)?;
     let marker = format!("@{db} LOG:  duration: ");
     let is_prefixed = |l: &str| {
         l.as_bytes().get(4) == Some(&b'-') && l.get(..4).is_some_and(|y| y.parse::<u32>().is_ok())
