@@ -25,6 +25,9 @@
 //! stopped and its rate is that of the rows synced so far. `--statement-log PATH` (the
 //! server's log file, readable by this process) sets `log_min_duration_statement = 0` on the
 //! bench database only (parameters never logged) and adds database time per statement kind.
+//! `--explain` (needs `--statement-log`) adds, in the bulk-import case, the plan of every
+//! statement of one real claim with `EXPLAIN (ANALYZE, BUFFERS)` figures, logged by
+//! `auto_explain` in the claiming session and read back from the server log.
 //!
 //! The figures go to `bench/results.md` too.
 
@@ -51,6 +54,7 @@ struct Args {
     idle_rows: u64,
     max_seconds: u64,
     analyze: bool,
+    explain: bool,
     statement_log: Option<String>,
 }
 
@@ -62,6 +66,7 @@ fn args() -> Args {
         idle_rows: 200,
         max_seconds: 180,
         analyze: false,
+        explain: false,
         statement_log: None,
     };
     let argv: Vec<String> = std::env::args().collect();
@@ -75,6 +80,7 @@ fn args() -> Args {
             "--idle-rows" => a.idle_rows = next().expect("--idle-rows N"),
             "--max-seconds" => a.max_seconds = next().expect("--max-seconds N"),
             "--analyze" => a.analyze = true,
+            "--explain" => a.explain = true,
             "--statement-log" => {
                 a.statement_log = Some(argv.get(i + 1).cloned().expect("--statement-log PATH"))
             }
@@ -141,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 .execute(&pool)
                 .await?;
         }
-        let fig = bench.case(&db, pool, args.rows).await?;
+        let fig = bench.case(&db, pool, args.rows, false).await?;
         for l in fig.lines(&name, raw, None) {
             line(l);
         }
@@ -178,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
             "(bulk import seeded in {:.0} s)",
             seeding.elapsed().as_secs_f64()
         );
-        let fig = bench.case(&db, pool, args.bulk_rows).await?;
+        let fig = bench.case(&db, pool, args.bulk_rows, args.explain).await?;
         let name = format!(
             "bulk import: {} synced rows (analyzed), then {} pending inserted (not analyzed)",
             args.history, args.bulk_rows
@@ -303,6 +309,8 @@ struct Figures {
     outbox_hot: i64,
     work: Work,
     statements: Option<BTreeMap<String, (u64, f64)>>,
+    /// `--explain`: the plans of one claim's statements, rendered.
+    plans: Vec<String>,
 }
 
 impl Figures {
@@ -389,13 +397,20 @@ impl Figures {
             ));
             let mut rows: Vec<_> = st.iter().collect();
             rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
-            for (k, (calls, ms)) in rows.into_iter().take(8) {
+            for (k, (calls, ms)) in rows.into_iter().take(12) {
                 v.push(format!(
                     "  - {k}: {calls} calls, {ms:.0} ms = {:.0} % = {:.3} ms/synced row",
                     ms / total.max(1e-9) * 100.0,
                     ms / n
                 ));
             }
+        }
+        if !self.plans.is_empty() {
+            v.push("- one claim's statements with `EXPLAIN (ANALYZE, BUFFERS)` figures (auto_explain, JSON rendered as a tree; buffers: shared hit/read/dirtied/written):".into());
+            v.push(String::new());
+            v.push("  ```".into());
+            v.extend(self.plans.iter().map(|l| format!("  {l}")));
+            v.push("  ```".into());
         }
         if let Some(wal) = &self.wal {
             v.push("- WAL by transaction kind and relation (bytes per synced row; records per synced row; FPI bytes per synced row):".into());
@@ -425,12 +440,17 @@ impl Bench {
         db: &ScratchDatabase,
         pool: PgPool,
         pending: u64,
+        explain: bool,
     ) -> anyhow::Result<Figures> {
         let work = explain_claim(&pool).await?;
         println!(
             "(claim work {:.1} per claimed row)",
             work.total / work.claimed.max(1) as f64
         );
+        let plans = match (&self.statement_log, explain) {
+            (Some(log), true) => explain_plans(&pool, &db.url, log, &db.name).await?,
+            _ => Vec::new(),
+        };
         let walinspect = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
             .execute(&pool)
             .await
@@ -544,6 +564,7 @@ impl Bench {
             outbox_hot: outbox_hot - before.hot,
             work,
             statements,
+            plans,
         })
     }
 }
@@ -622,18 +643,176 @@ async fn explain_claim(pool: &PgPool) -> anyhow::Result<Work> {
         .claim_measured(BATCH as u32, Duration::from_secs(60))
         .await?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    sqlx::query(
-        "UPDATE imprint_sync.customer_outbox
-         SET sync_status = 'pending', lease_expires_at = NULL, leased_by = NULL
-         WHERE sync_status = 'in_flight' AND leased_by = 'bench-explain'",
-    )
-    .execute(pool)
-    .await?;
+    give_back(pool, "bench-explain").await?;
     Ok(Work {
         total,
         claimed: claim.rows.len() as i64,
         ms,
     })
+}
+
+/// One real claim (`Store::claim`, the daemon's) in a session where `auto_explain` logs
+/// every statement's plan with ANALYZE and BUFFERS; the plans are read back from the server
+/// log (the part written meanwhile) and rendered as indented trees. The claimed rows are
+/// then given back.
+async fn explain_plans(
+    pool: &PgPool,
+    url: &str,
+    log: &str,
+    db: &str,
+) -> anyhow::Result<Vec<String>> {
+    let explained = PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|c, _| {
+            Box::pin(async move {
+                sqlx::raw_sql(
+                    "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0;
+                     SET auto_explain.log_analyze = on; SET auto_explain.log_buffers = on;
+                     SET auto_explain.log_format = json",
+                )
+                .execute(c)
+                .await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    let start = std::fs::metadata(log)?.len();
+    let store = imprint_sync::outbox::store::Store::new(explained.clone(), "bench-auto-explain");
+    let t0 = std::time::Instant::now();
+    let claim = store.claim(BATCH as u32, Duration::from_secs(60)).await?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    explained.close().await;
+    let end = std::fs::metadata(log)?.len();
+    give_back(pool, "bench-auto-explain").await?;
+
+    let text = read_log(log, start, end)?;
+    let marker = format!("@{db} LOG:  duration: ");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = vec![format!(
+        "one claim: {} rows claimed in {ms:.0} ms (with auto_explain's timing overhead)",
+        claim.rows.len()
+    )];
+    for (i, l) in lines.iter().enumerate() {
+        let Some(pos) = l.find(&marker) else { continue };
+        let Some(took) = l[pos + marker.len()..].strip_suffix(" ms  plan:") else {
+            continue;
+        };
+        // The message's continuation lines start with a tab.
+        let json: String = lines[i + 1..]
+            .iter()
+            .take_while(|n| n.starts_with('\t'))
+            .map(|n| &n[1..])
+            .collect::<Vec<_>>()
+            .join("\n");
+        let plan: serde_json::Value = serde_json::from_str(&json)?;
+        let sql = plan["Query Text"].as_str().unwrap_or("");
+        let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+        out.push(String::new());
+        out.push(format!("{} ({took} ms):", statement_kind(&sql)));
+        render_plan(&plan["Plan"], 1, &mut out);
+    }
+    Ok(out)
+}
+
+/// One plan node per line, children indented: node, relation/index, actual rows × loops,
+/// rows removed, buffers; then its index condition and filter.
+fn render_plan(node: &serde_json::Value, depth: usize, out: &mut Vec<String>) {
+    let s = |k: &str| node.get(k).and_then(serde_json::Value::as_str);
+    let n = |k: &str| {
+        node.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0)
+    };
+    let pad = "  ".repeat(depth);
+    let mut l = format!("{pad}-> ");
+    if let Some(sub) = s("Subplan Name") {
+        let _ = write!(l, "[{sub}] ");
+    }
+    l.push_str(s("Node Type").unwrap_or("?"));
+    if let Some(op) = s("Operation") {
+        let _ = write!(l, " ({op})");
+    }
+    if let Some(ix) = s("Index Name") {
+        let _ = write!(l, " using {ix}");
+    }
+    if let Some(rel) = s("Relation Name") {
+        let _ = write!(l, " on {rel}");
+    }
+    if let Some(f) = s("Function Name") {
+        let _ = write!(l, " {f}");
+    }
+    if let Some(cte) = s("CTE Name") {
+        let _ = write!(l, " CTE {cte}");
+    }
+    let _ = write!(
+        l,
+        "  (actual time={:.3}..{:.3} rows={} loops={})",
+        n("Actual Startup Time"),
+        n("Actual Total Time"),
+        n("Actual Rows"),
+        n("Actual Loops")
+    );
+    for (k, short) in [
+        ("Rows Removed by Filter", "removed by filter"),
+        ("Rows Removed by Join Filter", "removed by join filter"),
+        ("Rows Removed by Index Recheck", "removed by recheck"),
+        ("Heap Fetches", "heap fetches"),
+    ] {
+        if n(k) > 0.0 {
+            let _ = write!(l, " {short}={}", n(k));
+        }
+    }
+    let buffers: Vec<String> = [
+        ("Shared Hit Blocks", "hit"),
+        ("Shared Read Blocks", "read"),
+        ("Shared Dirtied Blocks", "dirtied"),
+        ("Shared Written Blocks", "written"),
+    ]
+    .iter()
+    .filter(|(k, _)| n(k) > 0.0)
+    .map(|(k, short)| format!("{short}={}", n(k)))
+    .collect();
+    if !buffers.is_empty() {
+        let _ = write!(l, " buffers: {}", buffers.join(" "));
+    }
+    out.push(l);
+    for k in ["Index Cond", "Hash Cond", "Join Filter", "Filter"] {
+        if let Some(c) = s(k) {
+            let c: String = c.chars().take(160).collect();
+            out.push(format!("{pad}     {k}: {c}"));
+        }
+    }
+    for child in node
+        .get("Plans")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        render_plan(child, depth + 1, out);
+    }
+}
+
+/// Puts the rows a measuring claim took back as they were: `pending`, no lease, the claim
+/// count it added taken off (else the gate would see them as suspects and the drain would
+/// claim them one at a time), and the per-column marks it created removed (the seeded
+/// tables have none of their own).
+async fn give_back(pool: &PgPool, worker: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "WITH back AS (
+            UPDATE imprint_sync.customer_outbox
+            SET sync_status = 'pending', lease_expires_at = NULL, leased_by = NULL,
+                claims = greatest(claims - 1, 0)
+            WHERE sync_status = 'in_flight' AND leased_by = $1
+            RETURNING customer_id
+         )
+         DELETE FROM imprint_sync.customer_claims
+         WHERE customer_id IN (SELECT customer_id FROM back)",
+    )
+    .bind(worker)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// One line of the WAL profile.
@@ -699,6 +878,16 @@ ORDER BY 1, 5 DESC
     Ok(rows)
 }
 
+/// The part of the server log written between two file lengths.
+fn read_log(path: &str, start: u64, end: u64) -> anyhow::Result<String> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(std::io::SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    f.take(end.saturating_sub(start)).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// Database time by statement kind, from the server log written since `start`:
 /// `duration:` lines of the bench database (parse, bind and execute each have one).
 fn statement_profile(
@@ -707,12 +896,7 @@ fn statement_profile(
     end: u64,
     db: &str,
 ) -> anyhow::Result<BTreeMap<String, (u64, f64)>> {
-    use std::io::{Read, Seek};
-    let mut f = std::fs::File::open(path)?;
-    f.seek(std::io::SeekFrom::Start(start))?;
-    let mut bytes = Vec::new();
-    f.take(end.saturating_sub(start)).read_to_end(&mut bytes)?;
-    let text = String::from_utf8_lossy(&bytes);
+    let text = read_log(path, start, end)?;
     let marker = format!("@{db} LOG:  duration: ");
     let is_prefixed = |l: &str| {
         l.as_bytes().get(4) == Some(&b'-') && l.get(..4).is_some_and(|y| y.parse::<u32>().is_ok())
@@ -738,13 +922,7 @@ fn statement_profile(
             sql.push_str(next);
         }
         let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-        let kind = if sql.contains("WITH cand AS") {
-            "claim".to_owned()
-        } else if sql.contains("WITH input AS") {
-            "write-back".to_owned()
-        } else {
-            sql.chars().take(70).collect()
-        };
+        let kind = statement_kind(&sql);
         let e = out.entry(kind).or_default();
         if phase == "execute" || phase == "statement:" {
             e.0 += 1;
@@ -752,6 +930,22 @@ fn statement_profile(
         e.1 += ms;
     }
     Ok(out)
+}
+
+/// The name of a statement of the hot path, or its first 70 characters.
+fn statement_kind(sql: &str) -> String {
+    let claim = [
+        ("WITH m AS MATERIALIZED", "claim 4: merge and claim"),
+        ("pg_try_advisory_xact_lock", "claim 2: gate"),
+        ("next_attempt_at::text AS position", "claim 1: scan"),
+        ("SET next_attempt_at = COALESCE(d.until", "claim 3: defer"),
+        ("SET LOCAL enable_seqscan", "claim: SET LOCAL"),
+        ("WITH input AS", "write-back"),
+    ];
+    claim
+        .iter()
+        .find(|(needle, _)| sql.contains(needle))
+        .map_or_else(|| sql.chars().take(70).collect(), |(_, k)| (*k).to_owned())
 }
 
 fn daemon(db_url: &str, base: &url::Url) -> std::process::Command {
