@@ -130,7 +130,12 @@ async fn run_once_exports_batch_row_and_http_spans_and_links_requests_and_logs()
     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.to_string()));
     let mut daemon = Daemon::start(&["run", "--once"], &env);
     // One row failed on purpose (invalid_profile): exit 1.
-    assert_eq!(daemon.exit_code(60).await, 1, "stderr:\n{}", daemon.stderr());
+    assert_eq!(
+        daemon.exit_code(60).await,
+        1,
+        "stderr:\n{}",
+        daemon.stderr()
+    );
     let stderr = daemon.stderr();
 
     // The process ended well within the exporter's 5 s batch delay: these spans arrived
@@ -146,7 +151,10 @@ async fn run_once_exports_batch_row_and_http_spans_and_links_requests_and_logs()
             .iter()
             .find(|s| attr(s, "outbox_id").as_deref() == Some(&id.to_string()))
             .unwrap_or_else(|| panic!("no row span for outbox id {id}"));
-        assert_eq!(attr(span, "customer_id").as_deref(), Some(customer.as_str()));
+        assert_eq!(
+            attr(span, "customer_id").as_deref(),
+            Some(customer.as_str())
+        );
         assert!(
             batches.iter().any(|b| b.span_id == span.parent_span_id),
             "the row span's parent is a batch span"
@@ -224,10 +232,19 @@ async fn without_an_endpoint_requests_carry_no_traceparent_and_logs_no_trace_id(
     let api_url: Url = api.uri().parse().unwrap();
     let env = env_with(&db.url, &api_url, &[("LOG__FORMAT", "json")]);
     let mut daemon = Daemon::start(&["run", "--once"], &env);
-    assert_eq!(daemon.exit_code(60).await, 1, "stderr:\n{}", daemon.stderr());
+    assert_eq!(
+        daemon.exit_code(60).await,
+        1,
+        "stderr:\n{}",
+        daemon.stderr()
+    );
     let requests = api.received_requests().await.unwrap();
     assert_eq!(requests.len(), 3);
-    assert!(requests.iter().all(|r| !r.headers.contains_key("traceparent")));
+    assert!(
+        requests
+            .iter()
+            .all(|r| !r.headers.contains_key("traceparent"))
+    );
     let stderr = daemon.stderr();
     let (bad_id, _) = &rows[3];
     assert!(
