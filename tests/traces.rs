@@ -128,6 +128,8 @@ async fn run_once_exports_batch_row_and_http_spans_and_links_requests_and_logs()
     let api_url: Url = api.uri().parse().unwrap();
     let mut env = env_with(&db.url, &api_url, &[("LOG__FORMAT", "json")]);
     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.to_string()));
+    // No timed export: whatever arrives was flushed at exit.
+    env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "600000".into()));
     let mut daemon = Daemon::start(&["run", "--once"], &env);
     // One row failed on purpose (invalid_profile): exit 1.
     assert_eq!(
@@ -138,8 +140,7 @@ async fn run_once_exports_batch_row_and_http_spans_and_links_requests_and_logs()
     );
     let stderr = daemon.stderr();
 
-    // The process ended well within the exporter's 5 s batch delay: these spans arrived
-    // only because it flushed them on the way out.
+    // Timed exports are off: these spans arrived because the process flushed them at exit.
     let spans = spans(&got);
     let named = |n: &str| spans.iter().filter(|s| s.name == n).collect::<Vec<_>>();
     let (batches, row_spans, http) = (named("batch"), named("row"), named("http"));
@@ -220,6 +221,42 @@ async fn run_once_exports_batch_row_and_http_spans_and_links_requests_and_logs()
         assert!(
             !raw.windows(value.len()).any(|w| w == value.as_bytes()),
             "{value} in an exported body"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_flushes_the_spans_of_a_running_daemon() {
+    let db = TestDb::new().await;
+    let api = api().await;
+    let (endpoint, got) = receiver().await;
+    let customer = customer_id(13, 9);
+    insert(&db.pool, &[profile(&customer, 1)]).await;
+    let api_url: Url = api.uri().parse().unwrap();
+    let mut env = env_with(&db.url, &api_url, &[]);
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.to_string()));
+    env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "600000".into()));
+    let mut daemon = Daemon::start(&["run"], &env);
+    common::eventually(30, "the row is synced", || async {
+        common::counts(&db.pool).await.get("synced") == Some(&1)
+    })
+    .await;
+    assert!(
+        spans(&got).is_empty(),
+        "nothing is exported before the flush"
+    );
+    daemon.signal("TERM");
+    assert_eq!(
+        daemon.exit_code(30).await,
+        0,
+        "stderr:\n{}",
+        daemon.stderr()
+    );
+    let spans = spans(&got);
+    for name in ["batch", "row", "http"] {
+        assert!(
+            spans.iter().any(|s| s.name == name),
+            "no {name} span after SIGTERM: {spans:#?}"
         );
     }
 }
