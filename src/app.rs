@@ -58,7 +58,9 @@ pub fn main(cli: Cli) -> ExitCode {
     }
     if let Command::Sandbox(args) = command {
         // The sandbox needs no configuration of ours: it must start even with a broken one.
-        telemetry::init(&LogSettings {
+        // Held to the end so its spans (with an endpoint set) are flushed; an endpoint it
+        // cannot use does not stop the sandbox.
+        let _traces = telemetry::init(&LogSettings {
             format: LogFormat::Pretty,
             level: "info".into(),
         });
@@ -85,7 +87,14 @@ pub fn main(cli: Cli) -> ExitCode {
             level: "warn,imprint_sync::engine=error".into(),
         };
     }
-    telemetry::init(&log);
+    // Held until the command is done: dropping it sends the spans still buffered.
+    let _traces = match telemetry::init(&log) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("imprint-sync: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
     block_on(dispatch(command, settings))
 }
 

@@ -19,6 +19,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::imprint::Client;
@@ -401,6 +402,13 @@ async fn claimer(
                 .increment(claim.superseded);
         }
         let got = claim.rows.len();
+        // A span per batch that holds rows (an idle poll makes none): each row's span is its
+        // child, so a trace shows the batch and everything sent for it.
+        let batch = if got > 0 {
+            tracing::info_span!("batch", rows = got, lease_ms = s.lease.as_millis() as u64)
+        } else {
+            tracing::Span::none()
+        };
         let mut permits = permits;
         for row in claim.rows {
             let permit = permits.split(1).expect("one permit per claimed row");
@@ -409,7 +417,7 @@ async fn claimer(
                 claimed_at,
                 permit,
             };
-            tasks.spawn(worker::work(shared.clone(), job, tx.clone()));
+            tasks.spawn(worker::work(shared.clone(), job, tx.clone()).instrument(batch.clone()));
         }
         drop(permits);
         if got < limit && !claim.more {

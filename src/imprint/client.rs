@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
+use tracing::Instrument;
 use url::Url;
 
 use super::error::{
@@ -138,11 +139,26 @@ impl Client {
         for_customer(answer, customer_id)
     }
 
+    /// One HTTP call, in a span of its own; with traces exported, the request carries that
+    /// span's W3C `traceparent` so Imprint's side of the call joins the trace.
     async fn exchange(&self, request: reqwest::RequestBuilder) -> Answer {
+        let span = tracing::info_span!(
+            "http",
+            otel.kind = "client",
+            http.response.status_code = tracing::field::Empty
+        );
+        self.send(request).instrument(span).await
+    }
+
+    async fn send(&self, mut request: reqwest::RequestBuilder) -> Answer {
+        if let Some(traceparent) = crate::telemetry::traceparent() {
+            request = request.header("traceparent", traceparent);
+        }
         let exchange = match request.send().await {
             Err(e) => Exchange::Transport(transport_error(e)),
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
+                tracing::Span::current().record("http.response.status_code", status);
                 let retry_after = resp
                     .headers()
                     .get(header::RETRY_AFTER)
