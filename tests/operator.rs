@@ -775,7 +775,16 @@ async fn admin_serves_status_and_exports_every_metric_alerts_and_dashboard_name(
     })
     .await;
 
-    // GET /status is `status --json`.
+    // GET /status is `status --json`. The replica shows once its first heartbeat is in,
+    // which on a loaded machine may come after the row synced.
+    eventually(30, "the daemon's heartbeat shows in /status", || async {
+        let (_, body) = get(admin, "/status").await;
+        serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["replicas"].as_array().map(Vec::len))
+            == Some(1)
+    })
+    .await;
     let (code, body) = get(admin, "/status").await;
     assert_eq!(code, 200, "{body}");
     let v = json(&body);
