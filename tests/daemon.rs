@@ -347,6 +347,39 @@ async fn once_stopped_before_draining_exits_75() {
     assert_eq!(count_of(&db, "in_flight").await, 0);
 }
 
+/// A SIGTERM at the very start of `run --once` (while it opens its configuration file, before
+/// tracing or the database) stops it like one at any later moment: 75 (or 0 if drained),
+/// never death by the signal (143). inotify tells the test the moment the file is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_exits_75() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    common::seed_customers(&db.pool, 32, 5).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("imprint-sync.toml");
+    std::fs::write(&config, "[sync]\nbatch_size = 100\n").expect("writing the config");
+    let path = std::ffi::CString::new(config.to_str().expect("utf-8 path")).unwrap();
+    // SAFETY: plain syscalls on a descriptor this test owns.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    assert!(fd >= 0, "inotify_init1");
+    assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_OPEN) } >= 0);
+    let mut daemon = Daemon::start(
+        &["--config", config.to_str().unwrap(), "run", "--once"],
+        &env(&db, &sandbox, &[]),
+    );
+    let pid = daemon.pid() as libc::pid_t;
+    // Blocks until the daemon opens its configuration; then the signal goes at once.
+    let mut event = [0u8; 4096];
+    let n = unsafe { libc::read(fd, event.as_mut_ptr().cast(), event.len()) };
+    assert!(n > 0, "reading the inotify event");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    unsafe { libc::close(fd) };
+
+    let code = daemon.exit_code(30).await;
+    assert!(code == 75 || code == 0, "exit {code}: {}", daemon.stderr());
+    assert_eq!(count_of(&db, "in_flight").await, 0);
+}
+
 /// A customer id is the partner's text until validated: a 100,000-character id, an e-mail
 /// used as an id, or a newline that would forge a line never reach the logs as they are; the
 /// outbox id names the row.

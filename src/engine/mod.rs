@@ -265,6 +265,10 @@ impl Engine {
             })
         };
 
+        // Stopped before it started (a signal while starting): claim nothing.
+        if shutdown.is_cancelled() {
+            stop.cancel();
+        }
         claimer(shared, &window, &tx, &wake, &tasks).await;
 
         // Shutting down: workers not yet sending release their rows now; requests in flight
