@@ -358,6 +358,7 @@ async fn claimer(
         {
             Ok(c) => {
                 db_errors.succeeded(&shared.health);
+                metrics::counter!("imprint_sync_claims_total").increment(1);
                 c
             }
             Err(e) => {
