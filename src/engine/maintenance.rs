@@ -47,7 +47,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
             _ = heartbeat.tick() => true,
             _ = replicas_changed.notified() => true,
             _ = rescue.tick() => {
-                match shared.store.rescue_expired().await {
+                match shared.db(shared.store.rescue_expired()).await {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::info!(rows = n, "rows whose lease expired are pending again");
@@ -68,7 +68,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
         if !beat {
             continue;
         }
-        match shared.store.heartbeat(&host).await {
+        match shared.db(shared.store.heartbeat(&host)).await {
             Ok(live) => {
                 db.succeeded(&shared.health);
                 shared.health.replicas.store(live.into(), Ordering::Relaxed);
@@ -78,7 +78,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
                     .set(shared.traffic.rate.effective());
                 if !announced {
                     // Tell the others to count again now, not at their next beat.
-                    announced = shared.store.announce().await.is_ok();
+                    announced = shared.db(shared.store.announce()).await.is_ok();
                 }
             }
             Err(e) => {

@@ -46,6 +46,8 @@ pub struct EngineSettings {
     pub keep_sensitive: bool,
     pub synced_days: u32,
     pub attempts_days: u32,
+    /// The deadline of one database call of the engine (see `db::call_deadline`).
+    pub db_deadline: Duration,
 }
 
 impl EngineSettings {
@@ -64,6 +66,7 @@ impl EngineSettings {
             keep_sensitive: s.privacy.store_sensitive_response_fields,
             synced_days: s.retention.synced_days,
             attempts_days: s.retention.attempts_days,
+            db_deadline: crate::db::call_deadline(&s.database),
         }
     }
 }
@@ -171,6 +174,14 @@ pub(crate) struct Shared {
     /// The grace is over: requests still in flight are cut off and their rows given back.
     pub hard_stop: CancellationToken,
     pub mode: RunMode,
+}
+
+impl Shared {
+    /// A database call of the engine, with its deadline: a black-holed connection is given
+    /// up as a transient error instead of stalling the engine until the OS notices.
+    pub async fn db<T>(&self, call: impl Future<Output = sqlx::Result<T>>) -> sqlx::Result<T> {
+        crate::db::within(self.settings.db_deadline, call).await
+    }
 }
 
 /// The sync engine of one process.
@@ -352,8 +363,9 @@ async fn claimer(
         // A suspect row (claimed before, never written back) is taken only while this
         // process holds nothing else: if it kills the process, only it is blamed.
         let claim = match shared
-            .store
-            .claim_batch(limit as u32, s.lease, in_hand == 0)
+            .db(shared
+                .store
+                .claim_batch(limit as u32, s.lease, in_hand == 0))
             .await
         {
             Ok(c) => {
@@ -440,7 +452,7 @@ async fn drained(shared: &Shared, window: &Semaphore, capacity: usize, wake: &No
         wait(shared, wake, Duration::from_millis(50)).await;
         return false;
     }
-    let remaining = shared.store.remaining().await;
+    let remaining = shared.db(shared.store.remaining()).await;
     tracing::trace!(?remaining, "once: what is left");
     match remaining {
         Ok(r) if r.is_empty() => true,
