@@ -169,9 +169,14 @@ fn check_url_files(url: &str) -> Result<(), ConfigError> {
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let statement = settings.statement_timeout_ms.to_string();
     let lock = settings.lock_timeout_ms.to_string();
+    // A transaction whose client went silent (a call cut off by its deadline on a
+    // black-holed connection) is ended by the server, so its row locks do not keep those
+    // customers from every later claim until the server's keepalive notices.
+    let idle = call_deadline(settings).as_millis().to_string();
     let session = [
         ("statement_timeout", statement.as_str()),
         ("lock_timeout", lock.as_str()),
+        ("idle_in_transaction_session_timeout", idle.as_str()),
     ];
     check_url_files(&settings.url)?;
     let opts = connect_options(&settings.url)?
