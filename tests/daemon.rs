@@ -707,7 +707,27 @@ async fn a_black_holed_database_connection_is_given_up_and_recovered() {
     })
     .await;
 
+    // Hold the daemon's claim and write-back mid-statement (waiting for a lock), then cut:
+    // their answers are lost in the black hole.
+    let mut locker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE imprint_sync.customer_outbox IN SHARE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    eventually(
+        30,
+        "a statement of the daemon waits for the lock",
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+                > 0
+        },
+    )
+    .await;
     proxy.cut();
+    locker.commit().await.unwrap();
     // The deadline is 3 s; without it the daemon waits for the OS (minutes).
     eventually(30, "the daemon logs the database as unavailable", || {
         std::future::ready(daemon.stderr().contains("database unavailable"))
@@ -716,7 +736,7 @@ async fn a_black_holed_database_connection_is_given_up_and_recovered() {
     assert!(count_of(&db, "synced").await < 400, "the cut came too late");
     proxy.heal();
 
-    let drained = tokio::time::timeout(Duration::from_secs(90), async {
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
         while count_of(&db, "synced").await < 400 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
