@@ -66,6 +66,10 @@ fn describe() {
         "Rows finished, by outcome (synced, failed, superseded, retried, invalid)."
     );
     describe_counter!(
+        "imprint_sync_claims_total",
+        "Claim statements run (empty ones too): wake-ups of the claimer."
+    );
+    describe_counter!(
         "imprint_sync_http_requests_total",
         "Requests to the API, by answer class (2xx, 4xx, 5xx, 429, timeout, error)."
     );
@@ -137,6 +141,7 @@ fn register() {
     for class in HTTP_CLASSES {
         metrics::counter!("imprint_sync_http_requests_total", "status" => class).increment(0);
     }
+    metrics::counter!("imprint_sync_claims_total").increment(0);
     let _ = metrics::histogram!("imprint_sync_http_request_duration_seconds");
     let _ = metrics::histogram!("imprint_sync_sync_lag_seconds");
     metrics::gauge!("imprint_sync_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);

@@ -25,11 +25,28 @@ pub mod exit {
     /// `run --once` was stopped (SIGTERM/SIGINT) before the outbox was drained
     /// (EX_TEMPFAIL): run it again.
     pub const TEMPFAIL: u8 = 75;
+    // 130: a second SIGTERM/SIGINT while stopping exits at once (engine::shutdown::install).
 }
 
 /// Runs the command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     let Cli { config, command } = cli;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imprint-sync: starting the runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    if matches!(command, Command::Run(_) | Command::Reconcile(_)) {
+        // First thing: a SIGTERM while the configuration loads stops the run like one at any
+        // later moment (exit 75 from `run --once`), instead of killing the process.
+        let _entered = runtime.enter();
+        crate::engine::shutdown::install();
+    }
     if let Command::Run(args) = &command
         && args.stray_filter()
     {
@@ -64,7 +81,9 @@ pub fn main(cli: Cli) -> ExitCode {
             format: LogFormat::Pretty,
             level: "info".into(),
         });
-        return block_on(async move { sandbox::serve(args).await.map(|()| exit::OK) });
+        return block_on(runtime, async move {
+            sandbox::serve(args).await.map(|()| exit::OK)
+        });
     }
     let needs = match &command {
         Command::Run(args) if !args.dry_run => Needs::ApiKey,
@@ -95,21 +114,14 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    block_on(dispatch(command, settings))
+    block_on(runtime, dispatch(command, settings))
 }
 
-/// Runs a command on a fresh runtime and turns its result into the exit code.
-fn block_on(command: impl Future<Output = anyhow::Result<u8>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("imprint-sync: starting the runtime: {e}");
-            return ExitCode::from(exit::ERROR);
-        }
-    };
+/// Runs a command on the runtime and turns its result into the exit code.
+fn block_on(
+    runtime: tokio::runtime::Runtime,
+    command: impl Future<Output = anyhow::Result<u8>>,
+) -> ExitCode {
     match runtime.block_on(command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -169,9 +169,14 @@ fn check_url_files(url: &str) -> Result<(), ConfigError> {
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let statement = settings.statement_timeout_ms.to_string();
     let lock = settings.lock_timeout_ms.to_string();
+    // A transaction whose client went silent (a call cut off by its deadline on a
+    // black-holed connection) is ended by the server, so its row locks do not keep those
+    // customers from every later claim until the server's keepalive notices.
+    let idle = call_deadline(settings).as_millis().to_string();
     let session = [
         ("statement_timeout", statement.as_str()),
         ("lock_timeout", lock.as_str()),
+        ("idle_in_transaction_session_timeout", idle.as_str()),
     ];
     check_url_files(&settings.url)?;
     let opts = connect_options(&settings.url)?
@@ -227,9 +232,55 @@ fn lock_not_granted(e: &anyhow::Error) -> bool {
 }
 
 fn pool_options(settings: &DatabaseSettings) -> PgPoolOptions {
+    let limit = call_deadline(settings);
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        .after_release(move |conn, _| {
+            Box::pin(async move {
+                // A call cut off by its deadline (see `within`) leaves its connection mid-
+                // statement, perhaps black-holed; sqlx then pings it before reuse with no
+                // time limit, holding a pool slot for as long as the OS keeps the socket
+                // (minutes). Pinged here with a limit instead, a connection that does not
+                // answer is dropped, not returned to the pool.
+                match tokio::time::timeout(limit, sqlx::Connection::ping(conn)).await {
+                    Ok(Ok(())) => Ok(true),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(no_answer(limit)),
+                }
+            })
+        })
+}
+
+/// How long one engine call (claim, write-back, rescue, heartbeat) may take before the
+/// connection is given up: the server's `statement_timeout` and a margin for the round trip
+/// and acquiring a connection. sqlx 0.9 has no client-side TCP keepalive, so without it a
+/// black-holed connection waits for the OS (minutes).
+pub fn call_deadline(settings: &DatabaseSettings) -> Duration {
+    Duration::from_millis(settings.statement_timeout_ms.saturating_add(CALL_MARGIN_MS))
+}
+
+const CALL_MARGIN_MS: u64 = 2_000;
+
+/// Runs a database call with a deadline; a call that passes it is an I/O error (transient:
+/// the database is treated as unavailable and the call is made again on another connection).
+pub async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = sqlx::Result<T>>,
+) -> sqlx::Result<T> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(no_answer(limit)))
+}
+
+fn no_answer(limit: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no answer from the database within {} ms",
+            limit.as_millis()
+        ),
+    ))
 }
 
 /// A database error that no wait will cure, met at start: TLS (a certificate that does not

@@ -347,6 +347,39 @@ async fn once_stopped_before_draining_exits_75() {
     assert_eq!(count_of(&db, "in_flight").await, 0);
 }
 
+/// A SIGTERM at the very start of `run --once` (while it opens its configuration file, before
+/// tracing or the database) stops it like one at any later moment: 75 (or 0 if drained),
+/// never death by the signal (143). inotify tells the test the moment the file is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_exits_75() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    common::seed_customers(&db.pool, 32, 5).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("imprint-sync.toml");
+    std::fs::write(&config, "[sync]\nbatch_size = 100\n").expect("writing the config");
+    let path = std::ffi::CString::new(config.to_str().expect("utf-8 path")).unwrap();
+    // SAFETY: plain syscalls on a descriptor this test owns.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    assert!(fd >= 0, "inotify_init1");
+    assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_OPEN) } >= 0);
+    let mut daemon = Daemon::start(
+        &["--config", config.to_str().unwrap(), "run", "--once"],
+        &env(&db, &sandbox, &[]),
+    );
+    let pid = daemon.pid() as libc::pid_t;
+    // Blocks until the daemon opens its configuration; then the signal goes at once.
+    let mut event = [0u8; 4096];
+    let n = unsafe { libc::read(fd, event.as_mut_ptr().cast(), event.len()) };
+    assert!(n > 0, "reading the inotify event");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    unsafe { libc::close(fd) };
+
+    let code = daemon.exit_code(30).await;
+    assert!(code == 75 || code == 0, "exit {code}: {}", daemon.stderr());
+    assert_eq!(count_of(&db, "in_flight").await, 0);
+}
+
 /// A customer id is the partner's text until validated: a 100,000-character id, an e-mail
 /// used as an id, or a newline that would forge a line never reach the logs as they are; the
 /// outbox id names the row.
@@ -555,4 +588,172 @@ async fn an_api_echoing_the_key_or_a_value_leaks_neither() {
             assert!(!stored.contains(canary), "{canary} stored: {stored}");
         }
     }
+}
+
+/// A TCP proxy to PostgreSQL that can black-hole: on `cut`, every open connection stops
+/// forwarding (stays open, nothing passes either way) and connections made meanwhile hang;
+/// on `heal`, new connections pass again (the cut ones stay silent for ever).
+struct Proxy {
+    port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (g, c) = (generation.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (g, c) = (g.clone(), c.clone());
+                tokio::spawn(async move {
+                    if c.load(SeqCst) {
+                        // Accepted, never answered: hold the socket open.
+                        let _held = &client;
+                        std::future::pending::<()>().await;
+                    }
+                    let born = g.load(SeqCst);
+                    let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(pump(cr, sw, g.clone(), born));
+                    pump(sr, cw, g, born).await;
+                });
+            }
+        });
+        Self {
+            port,
+            generation,
+            cut,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies until the proxy is cut after this connection was made; then holds both ends open
+/// and forwards nothing more.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    born: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if generation.load(std::sync::atomic::Ordering::SeqCst) != born {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection black-holed in the middle of the claim or the write-back (no RST, no FIN:
+/// a silent network) is given up after `statement_timeout_ms` + a margin, logged as the
+/// database being unavailable, and the daemon recovers on a new connection once one can be
+/// made: the outbox ends drained with no request sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_database_connection_is_given_up_and_recovered() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(latency(20)).await;
+    common::seed_customers(&db.pool, 33, 400).await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let upstream = tokio::net::lookup_host(upstream)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(upstream).await;
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(proxy.port)).unwrap();
+    let env = env_with(
+        url.as_str(),
+        &sandbox.base_url(),
+        &[
+            ("DATABASE__STATEMENT_TIMEOUT_MS", "1000"),
+            ("DATABASE__MAX_CONNECTIONS", "4"),
+            // Longer than the outage: no row is rescued and sent again meanwhile.
+            ("SYNC__LEASE_MS", "120000"),
+            ("SYNC__CONCURRENCY", "4"),
+            ("SYNC__BATCH_SIZE", "20"),
+        ],
+    );
+    let mut daemon = Daemon::start(&["run"], &env);
+    eventually(60, "some rows are synced", || async {
+        count_of(&db, "synced").await >= 20
+    })
+    .await;
+
+    // Hold the daemon's claim and write-back mid-statement (waiting for a lock), then cut:
+    // their answers are lost in the black hole.
+    let mut locker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE imprint_sync.customer_outbox IN SHARE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    eventually(
+        30,
+        "a statement of the daemon waits for the lock",
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+                > 0
+        },
+    )
+    .await;
+    proxy.cut();
+    locker.commit().await.unwrap();
+    // The deadline is 3 s; without it the daemon waits for the OS (minutes).
+    eventually(30, "the daemon logs the database as unavailable", || {
+        std::future::ready(daemon.stderr().contains("database unavailable"))
+    })
+    .await;
+    assert!(count_of(&db, "synced").await < 400, "the cut came too late");
+    proxy.heal();
+
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        while count_of(&db, "synced").await < 400 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let logs = daemon.stderr();
+    let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+    assert!(
+        drained.is_ok(),
+        "not drained after the heal; {:?}; log tail:\n{}",
+        counts(&db.pool).await,
+        tail.join("\n")
+    );
+    for n in 0..400 {
+        let c = customer_id(33, n);
+        assert_eq!(sandbox.journal(&c).len(), 1, "{c} was sent more than once");
+    }
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
 }

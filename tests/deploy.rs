@@ -1333,6 +1333,15 @@ mod roles {
              VALUES ('BBB815E9-F654-438D-9AD3-3F7BB8136FC0', 'a@example.com', '+14155550100')",
         )
         .await;
+        // An id too long for the outbox's indexes is stored under a marker (0007), with
+        // the writer's privileges: the partner's insert never fails.
+        allowed(
+            &scratch,
+            w,
+            "INSERT INTO imprint_sync.customer_outbox (customer_id)
+             VALUES (repeat('x', 100000))",
+        )
+        .await;
         denied(
             &scratch,
             w,

@@ -909,3 +909,33 @@ async fn one_outcome_refused_by_a_trigger_holds_back_no_other() {
     stop.cancel();
     run.await.unwrap();
 }
+
+/// G7 with migration 0007: a 100 KB customer_id is stored under a marker; its row fails
+/// alone as invalid_profile naming customer_id, and the rows beside it sync.
+#[tokio::test]
+async fn an_oversized_customer_id_fails_alone() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let before = insert(&db.pool, &[profile(&customer_id(9, 1), 1)]).await;
+    let oversized: i64 = sqlx::query_scalar(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
+         VALUES (repeat('x', 100000), 'o@example.com') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the insert never fails");
+    let after = insert(&db.pool, &[profile(&customer_id(9, 2), 1)]).await;
+
+    let summary = run_once(&db, &sandbox.base_url(), &[]).await;
+
+    let r = row(&db.pool, oversized).await;
+    assert_eq!(r.sync_status, "failed");
+    assert_eq!(r.last_error_code.as_deref(), Some("invalid_profile"));
+    let message = r.last_error.unwrap_or_default();
+    assert!(message.contains("customer_id"), "{message:?}");
+    for id in [before[0], after[0]] {
+        assert_eq!(row(&db.pool, id).await.sync_status, "synced");
+    }
+    assert_eq!(sandbox.stats().requests_total, 2);
+    assert_eq!(summary.failed, 1);
+}

@@ -104,6 +104,58 @@ async fn any_content_is_accepted_and_starts_pending() {
     .expect("an insert with garbage content");
 }
 
+/// What migration 0007 stores for a 100 KB id of 'x': a short marker the daemon refuses.
+async fn oversized_marker(pool: &PgPool) -> String {
+    sqlx::query_scalar("SELECT 'oversized:' || md5(repeat('x', 100000)) || ':100000'")
+        .fetch_one(pool)
+        .await
+        .expect("computing the marker")
+}
+
+/// G7: a customer_id far past the btree limit (~2.7 KB) is stored, under a bounded marker.
+#[tokio::test]
+async fn an_oversized_customer_id_is_stored_under_a_marker() {
+    let db = TestDb::new().await;
+    let stored: String = sqlx::query_scalar(
+        "INSERT INTO imprint_sync.customer_outbox (customer_id, email)
+         VALUES (repeat('x', 100000), 'a@example.com'),
+                (repeat('y', 255), NULL)
+         RETURNING customer_id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("an insert with a 100 KB customer_id");
+    assert_eq!(stored, oversized_marker(&db.pool).await);
+    assert!(stored.starts_with("oversized:") && stored.len() < 64);
+    assert!(imprint_sync::profile::check_customer_id(&stored).is_err());
+    // 255 bytes is kept as it is (and refused by the daemon, naming its length).
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM imprint_sync.customer_outbox WHERE customer_id = repeat('y', 255)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, 1);
+}
+
+/// G7 through the ready trigger: the partner's own write is not cancelled.
+#[tokio::test]
+async fn an_oversized_id_through_the_trigger_keeps_the_partners_write() {
+    let db = with_partner_table("AFTER INSERT OR UPDATE").await;
+    exec(
+        &db.pool,
+        "INSERT INTO customers (imprint_customer_id, email) VALUES (repeat('x', 100000), 'z@example.com')",
+    )
+    .await;
+    assert_eq!(count(&db.pool, "customers").await, 3);
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT customer_id FROM imprint_sync.customer_outbox")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ids, [oversized_marker(&db.pool).await]);
+}
+
 async fn insert_error_code(pool: &PgPool, sql: String) -> String {
     let err = sqlx::query(sqlx::AssertSqlSafe(sql))
         .execute(pool)

@@ -20,8 +20,9 @@ use sqlx::{Connection, PgConnection};
 // The admin server
 
 /// Every metric the daemon documents, with its Prometheus type.
-const METRICS: [(&str, &str); 11] = [
+const METRICS: [(&str, &str); 12] = [
     ("imprint_sync_rows_total", "counter"),
+    ("imprint_sync_claims_total", "counter"),
     ("imprint_sync_http_requests_total", "counter"),
     ("imprint_sync_http_request_duration_seconds", "histogram"),
     ("imprint_sync_outbox_pending", "gauge"),
@@ -124,6 +125,47 @@ async fn wait_for_sample(admin: SocketAddr, series: &str, value: f64) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Any role that can connect may NOTIFY the outbox channel in a loop. With an empty outbox
+/// each notification used to wake the claimer for another empty claim, back to back; now a
+/// wake-up after an empty claim comes at most once per 50 ms, whatever the storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_storm_does_not_make_the_claimer_spin() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(Faults::default()).await;
+    let env = env_with(
+        &db.url,
+        &sandbox.base_url(),
+        &[("SYNC__POLL_INTERVAL_MS", "1000")],
+    );
+    let mut daemon = Daemon::start(&["run"], &env);
+    let admin = admin_addr(&daemon).await;
+    let claims = async || sample(&metrics(admin).await, "imprint_sync_claims_total").unwrap_or(0.0);
+    eventually(30, "the daemon claims", || async { claims().await > 0.0 }).await;
+
+    let mut storm = PgConnection::connect(&db.url).await.expect("connecting");
+    let before = claims().await;
+    let started = std::time::Instant::now();
+    let mut sent = 0u32;
+    while started.elapsed() < Duration::from_secs(2) {
+        sqlx::raw_sql("NOTIFY imprint_sync_outbox")
+            .execute(&mut storm)
+            .await
+            .expect("NOTIFY");
+        sent += 1;
+    }
+    let claimed = claims().await - before;
+    let elapsed_ms = started.elapsed().as_millis() as f64;
+
+    // One wake-up per 50 ms, one poll per second, and a few for the edges.
+    let bound = elapsed_ms / 50.0 + elapsed_ms / 1000.0 + 10.0;
+    assert!(
+        claimed <= bound,
+        "{claimed} claims for {sent} NOTIFYs in {elapsed_ms} ms (at most {bound})"
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(30).await, 0, "{}", daemon.stderr());
 }
 
 /// A running daemon answers /livez and /readyz, and /metrics carries every documented metric

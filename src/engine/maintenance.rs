@@ -24,9 +24,11 @@ const PRUNE_BATCH: i64 = 1_000;
 
 pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken) {
     let replicas_changed = Arc::new(Notify::new());
+    let nudge = Arc::new(Notify::new());
+    let coalescer = tokio::spawn(coalesce(nudge.clone(), wake.clone()));
     let listener = tokio::spawn(listen(
         shared.clone(),
-        wake.clone(),
+        nudge,
         replicas_changed.clone(),
         stop.clone(),
     ));
@@ -45,7 +47,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
             _ = heartbeat.tick() => true,
             _ = replicas_changed.notified() => true,
             _ = rescue.tick() => {
-                match shared.store.rescue_expired().await {
+                match shared.db(shared.store.rescue_expired()).await {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::info!(rows = n, "rows whose lease expired are pending again");
@@ -66,7 +68,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
         if !beat {
             continue;
         }
-        match shared.store.heartbeat(&host).await {
+        match shared.db(shared.store.heartbeat(&host)).await {
             Ok(live) => {
                 db.succeeded(&shared.health);
                 shared.health.replicas.store(live.into(), Ordering::Relaxed);
@@ -76,7 +78,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
                     .set(shared.traffic.rate.effective());
                 if !announced {
                     // Tell the others to count again now, not at their next beat.
-                    announced = shared.store.announce().await.is_ok();
+                    announced = shared.db(shared.store.announce()).await.is_ok();
                 }
             }
             Err(e) => {
@@ -85,6 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: Cancellati
         }
     }
     listener.abort();
+    coalescer.abort();
 }
 
 async fn prune_all(shared: Arc<Shared>, stop: CancellationToken) {
@@ -112,12 +115,28 @@ async fn prune_all(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// LISTEN on the outbox channel (every notification wakes the claimer) and on the workers
-/// channel (a replica joined or left: count again). sqlx's listener reconnects and LISTENs
-/// again by itself; errors are waited out with backoff.
+/// The least time between two wake-ups of the claimer by NOTIFY. Any role that can connect
+/// may NOTIFY the channel in a loop; unbounded, each notification cost an empty claim, back
+/// to back. A claim that found rows does not wait for a wake-up, so this never slows a
+/// backlog; a single insert after a quiet spell still wakes the claimer at once.
+const MIN_WAKE_GAP: Duration = Duration::from_millis(50);
+
+/// Passes NOTIFY wake-ups (`nudge`) on to the claimer (`wake`), at most one per
+/// [`MIN_WAKE_GAP`]: notifications that come meanwhile are one wake-up at its end.
+async fn coalesce(nudge: Arc<Notify>, wake: Arc<Notify>) {
+    loop {
+        nudge.notified().await;
+        wake.notify_one();
+        tokio::time::sleep(MIN_WAKE_GAP).await;
+    }
+}
+
+/// LISTEN on the outbox channel (notifications wake the claimer, coalesced) and on the
+/// workers channel (a replica joined or left: count again). sqlx's listener reconnects and
+/// LISTENs again by itself; errors are waited out with backoff.
 async fn listen(
     shared: Arc<Shared>,
-    wake: Arc<Notify>,
+    nudge: Arc<Notify>,
     replicas_changed: Arc<Notify>,
     stop: CancellationToken,
 ) {
@@ -154,14 +173,14 @@ async fn listen(
             }
             Ok(_) => {
                 backoff.succeeded(&shared.health);
-                wake.notify_one();
+                nudge.notify_one();
             }
             Err(e) => {
                 // Rows may have arrived, and replicas come or gone, while we were deaf: look
                 // once the wait is over.
                 let delay = backoff.failed(&e, &shared.health);
                 tokio::time::sleep(delay).await;
-                wake.notify_one();
+                nudge.notify_one();
                 replicas_changed.notify_one();
             }
         }

@@ -47,6 +47,8 @@ pub struct EngineSettings {
     pub keep_sensitive: bool,
     pub synced_days: u32,
     pub attempts_days: u32,
+    /// The deadline of one database call of the engine (see `db::call_deadline`).
+    pub db_deadline: Duration,
 }
 
 impl EngineSettings {
@@ -65,6 +67,7 @@ impl EngineSettings {
             keep_sensitive: s.privacy.store_sensitive_response_fields,
             synced_days: s.retention.synced_days,
             attempts_days: s.retention.attempts_days,
+            db_deadline: crate::db::call_deadline(&s.database),
         }
     }
 }
@@ -174,6 +177,14 @@ pub(crate) struct Shared {
     pub mode: RunMode,
 }
 
+impl Shared {
+    /// A database call of the engine, with its deadline: a black-holed connection is given
+    /// up as a transient error instead of stalling the engine until the OS notices.
+    pub async fn db<T>(&self, call: impl Future<Output = sqlx::Result<T>>) -> sqlx::Result<T> {
+        crate::db::within(self.settings.db_deadline, call).await
+    }
+}
+
 /// The sync engine of one process.
 pub struct Engine {
     shared: Arc<Shared>,
@@ -266,6 +277,10 @@ impl Engine {
             })
         };
 
+        // Stopped before it started (a signal while starting): claim nothing.
+        if shutdown.is_cancelled() {
+            stop.cancel();
+        }
         claimer(shared, &window, &tx, &wake, &tasks).await;
 
         // Shutting down: workers not yet sending release their rows now; requests in flight
@@ -349,12 +364,14 @@ async fn claimer(
         // A suspect row (claimed before, never written back) is taken only while this
         // process holds nothing else: if it kills the process, only it is blamed.
         let claim = match shared
-            .store
-            .claim_batch(limit as u32, s.lease, in_hand == 0)
+            .db(shared
+                .store
+                .claim_batch(limit as u32, s.lease, in_hand == 0))
             .await
         {
             Ok(c) => {
                 db_errors.succeeded(&shared.health);
+                metrics::counter!("imprint_sync_claims_total").increment(1);
                 c
             }
             Err(e) => {
@@ -443,7 +460,7 @@ async fn drained(shared: &Shared, window: &Semaphore, capacity: usize, wake: &No
         wait(shared, wake, Duration::from_millis(50)).await;
         return false;
     }
-    let remaining = shared.store.remaining().await;
+    let remaining = shared.db(shared.store.remaining()).await;
     tracing::trace!(?remaining, "once: what is left");
     match remaining {
         Ok(r) if r.is_empty() => true,

@@ -62,7 +62,7 @@ async fn write(
     rx: &Receiver<Done>,
 ) -> Option<sqlx::Result<Vec<crate::outbox::store::Applied>>> {
     loop {
-        match shared.store.record(records).await {
+        match shared.db(shared.store.record(records)).await {
             Ok(applied) => {
                 backoff.succeeded(&shared.health);
                 return Some(Ok(applied));

@@ -7,32 +7,60 @@ use tokio_util::sync::CancellationToken;
 
 use super::Health;
 
-/// Cancels `token` on the first SIGTERM or SIGINT; a second signal exits at once.
-pub fn on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        let first = signal().await;
-        tracing::info!(
-            signal = first,
-            "stopping: no new rows are claimed; in-flight requests may finish"
-        );
-        token.cancel();
-        let second = signal().await;
-        tracing::warn!(
-            signal = second,
-            "second signal: exiting at once (claimed rows are rescued when their lease expires)"
-        );
-        std::process::exit(130);
-    });
+/// The process's stop: cancelled by the first SIGTERM or SIGINT.
+static STOP: std::sync::OnceLock<CancellationToken> = std::sync::OnceLock::new();
+
+/// Installs the SIGTERM/SIGINT handling of the process, once (later calls return the same
+/// token): the first signal cancels the token, a second exits at once with 130. Call it first
+/// thing, inside a runtime: until it runs, a SIGTERM kills the process by the signal (143),
+/// which a Job reads as neither done nor "run again". The handlers are registered before this
+/// returns, so a signal that comes while the configuration loads is not lost.
+pub fn install() -> CancellationToken {
+    STOP.get_or_init(|| {
+        use tokio::signal::unix::{SignalKind, signal};
+        let token = CancellationToken::new();
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let mut next = async || {
+                tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                }
+            };
+            let first = next().await;
+            tracing::info!(
+                signal = first,
+                "stopping: no new rows are claimed; in-flight requests may finish"
+            );
+            stop.cancel();
+            let second = next().await;
+            tracing::warn!(
+                signal = second,
+                "second signal: exiting at once (claimed rows are rescued when their lease expires)"
+            );
+            std::process::exit(130);
+        });
+        token
+    })
+    .clone()
 }
 
-async fn signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// Cancels `token` on the first SIGTERM or SIGINT (at once if one already came); a second
+/// signal exits at once.
+pub fn on_signals(token: CancellationToken) {
+    let process = install();
+    if process.is_cancelled() {
+        token.cancel();
+        return;
     }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = process.cancelled() => token.cancel(),
+            _ = token.cancelled() => {}
+        }
+    });
 }
 
 /// Waiting out a database that went away: growing, jittered delays (backon), one log line
