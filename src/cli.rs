@@ -158,8 +158,8 @@ pub struct ReconcileArgs {
     #[arg(long, value_name = "N")]
     pub limit: Option<u64>,
     /// Only customers synced within this long: 90s, 15m, 24h, 7d.
-    #[arg(long, value_name = "DURATION")]
-    pub since: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<std::time::Duration>,
     /// Enqueue an outbox row with the partner's newest profile for each drifted customer.
     #[arg(long)]
     pub repair: bool,
@@ -248,4 +248,25 @@ pub fn parse() -> Result<Cli, std::process::ExitCode> {
             std::process::ExitCode::SUCCESS
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_duration_takes_a_number_and_a_unit() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(
+            parse_duration("3000000d"),
+            Ok(Duration::from_secs(LONGEST_WINDOW_SECS))
+        );
+        for bad in ["", "h", "24", "24x", "-1h", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -135,26 +135,6 @@ impl Report {
     }
 }
 
-/// `--since`: a whole number and a unit: `90s`, `15m`, `24h`, `7d`.
-pub fn parse_since(v: &str) -> Result<Duration, String> {
-    let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (n, unit) = v.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("`{v}` is not a duration such as 90s, 15m, 24h or 7d"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        _ => return Err(format!("`{v}`: the unit must be s, m, h or d (e.g. 24h)")),
-    };
-    Ok(Duration::from_secs(
-        n.saturating_mul(secs).min(crate::cli::LONGEST_WINDOW_SECS),
-    ))
-}
-
 /// Runs `imprint-sync reconcile`; returns the exit code.
 pub async fn reconcile(settings: Settings, args: ReconcileArgs) -> anyhow::Result<u8> {
     for id in &args.customer {
@@ -163,13 +143,7 @@ pub async fn reconcile(settings: Settings, args: ReconcileArgs) -> anyhow::Resul
             return Ok(exit::CONFIG);
         }
     }
-    let since = match args.since.as_deref().map(parse_since).transpose() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("imprint-sync: --since: {e}");
-            return Ok(exit::CONFIG);
-        }
-    };
+    let since = args.since;
     let pool = db::pool(&settings.database)?;
     db::check_migrated(&pool).await?;
     let traffic = Traffic::new(&settings);
@@ -338,20 +312,4 @@ pub fn status_lines(r: &ReconcileStatus) -> String {
     line("drifted now", r.drifted_now.to_string());
     line("missing now", r.missing_now.to_string());
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn since_takes_a_number_and_a_unit() {
-        assert_eq!(parse_since("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_since("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_since("24h"), Ok(Duration::from_secs(86_400)));
-        assert_eq!(parse_since("7d"), Ok(Duration::from_secs(604_800)));
-        for bad in ["", "h", "24", "24x", "-1h", "1.5h"] {
-            assert!(parse_since(bad).is_err(), "{bad}");
-        }
-    }
 }
