@@ -277,13 +277,7 @@ async fn a_late_commit_sends_only_the_columns_no_newer_row_sent() {
     assert_eq!(journal[1]["email"], "late@example.com");
     assert!(journal[1].get("phone").is_none(), "a stale phone was sent");
     assert_eq!(row(&db.pool, late_id).await.sync_status, "synced");
-    let accepted: Value = sqlx::query_scalar(
-        "SELECT accepted FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
-    )
-    .bind(&c)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let accepted: Value = common::sync_state(&db.pool, &c, "accepted").await;
     assert_eq!(accepted["email"], "late@example.com");
     assert_eq!(accepted["phone"], "+14155550102");
 }

@@ -98,13 +98,7 @@ async fn a_row_older_than_the_last_synced_one_is_never_sent() {
     assert_eq!(summary.superseded, 1);
     assert_eq!(sandbox.journal(&c), before, "the older row was sent");
     assert!(attempts(&db.pool, 15).await.is_empty());
-    let last: i64 = sqlx::query_scalar(
-        "SELECT last_synced_outbox_id FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
-    )
-    .bind(&c)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let last: i64 = common::sync_state(&db.pool, &c, "last_synced_outbox_id").await;
     assert_eq!(last, 20);
 }
 
@@ -526,13 +520,7 @@ async fn nul_bytes_in_answers_never_stop_the_write_back() {
         Some(502),
         "the 502 was logged: {first_try:?}"
     );
-    let stored: String = sqlx::query_scalar(
-        "SELECT response->>'first_name' FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
-    )
-    .bind(c(2))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let stored: String = common::sync_state(&db.pool, &c(2), "response->>'first_name'").await;
     assert_eq!(stored, "Ada");
 }
 
@@ -602,13 +590,7 @@ async fn accepted_columns_merge_per_column_across_syncs() {
     .await;
     run_once(&db, &sandbox.base_url(), &[]).await;
 
-    let accepted: Value = sqlx::query_scalar(
-        "SELECT accepted FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
-    )
-    .bind(&c)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let accepted: Value = common::sync_state(&db.pool, &c, "accepted").await;
     let expected_email = format!("v1.{}@example.com", c.to_lowercase());
     assert_eq!(accepted["email"], json!(expected_email));
     assert_eq!(
@@ -844,13 +826,7 @@ async fn sensitive_fields_are_not_stored_under_another_name_or_nested() {
     run_once(&db, &Url::parse(&server.uri()).unwrap(), &[]).await;
 
     assert_eq!(row(&db.pool, ids[0]).await.sync_status, "synced");
-    let response: Value = sqlx::query_scalar(
-        "SELECT response FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
-    )
-    .bind(&c)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let response: Value = common::sync_state(&db.pool, &c, "response").await;
     let text = response.to_string();
     assert!(
         !text.contains("8841") && !text.contains("1971"),

@@ -218,13 +218,7 @@ async fn drift_and_deletions_are_found_repaired_and_reported() {
         assert_eq!(found[id].0.as_deref(), Some("missing"), "{id}");
     }
     assert_eq!(found[&ids[30]].0.as_deref(), Some("in_step"));
-    let statuses: Value = sqlx::query_scalar(
-        "SELECT statuses FROM imprint_sync.customer_sync_state WHERE customer_id = $1",
-    )
-    .bind(&ids[30])
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let statuses: Value = common::sync_state(&db.pool, &ids[30], "statuses").await;
     assert_eq!(statuses, json!({"Imprint Card": "CLOSED"}));
     let missing_now: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM imprint_sync.customer_sync_state WHERE reconcile_result = 'missing'",

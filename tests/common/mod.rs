@@ -618,3 +618,17 @@ pub fn refused(
         attempts: vec![],
     }
 }
+
+/// One expression over a customer's `customer_sync_state` row (e.g. `"accepted"`,
+/// `"response->>'first_name'"`); panics when the customer has no row.
+pub async fn sync_state<T>(pool: &PgPool, customer: &str, expr: &str) -> T
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    let sql = format!("SELECT {expr} FROM imprint_sync.customer_sync_state WHERE customer_id = $1");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(customer)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("customer {customer}: reading {expr} of its sync state: {e}"))
+}
