@@ -9,7 +9,7 @@ use tokio::sync::mpsc::Receiver;
 use super::Shared;
 use super::shutdown::Backoff;
 use super::worker::Done;
-use crate::outbox::store::{Disposition, Record};
+use crate::outbox::record::{Disposition, Record};
 use crate::profile::LogId;
 
 /// Most records written by one statement.
@@ -60,7 +60,7 @@ async fn write(
     records: &[Record],
     backoff: &mut Backoff,
     rx: &Receiver<Done>,
-) -> Option<sqlx::Result<Vec<crate::outbox::store::Applied>>> {
+) -> Option<sqlx::Result<Vec<crate::outbox::record::Applied>>> {
     loop {
         match shared.db(shared.store.record(records)).await {
             Ok(applied) => {
@@ -83,7 +83,7 @@ async fn write(
     }
 }
 
-fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
+fn count(records: &[Record], applied: &[crate::outbox::record::Applied]) {
     for a in applied {
         if let Some(lag) = a.lag_seconds {
             metrics::histogram!("imprint_sync_sync_lag_seconds").record(lag);

@@ -14,7 +14,7 @@ use crate::imprint::UpdateCustomerRequest;
 use crate::imprint::error::Answer;
 use crate::imprint::model::json_text;
 use crate::outbox::model::OutboxRow;
-use crate::outbox::store::{AttemptLog, Disposition, Record};
+use crate::outbox::record::{AttemptLog, Disposition, Record};
 use crate::profile;
 use crate::traffic::{Admit, retry};
 

@@ -29,6 +29,7 @@ use sqlx::{PgPool, Postgres, Row};
 use tokio::time::Instant;
 
 use super::model::{Defect, OutboxRow};
+use super::store::Store;
 use crate::profile::limits;
 
 /// What one claim did.
@@ -629,5 +630,75 @@ fn defect(column: &str, reason: &str) -> Defect {
             .find(|c| *c == column)
             .unwrap_or("row"),
         reason: reason.to_owned(),
+    }
+}
+
+impl Store {
+    /// Claims up to `limit` due rows under a lease of `lease` (see [`super::claim`]).
+    pub async fn claim(&self, limit: u32, lease: Duration) -> sqlx::Result<Claim> {
+        self.claim_batch(limit, lease, true).await
+    }
+
+    /// The claim; `suspects_ok` lets it take a suspect row (claimed before, never written
+    /// back), alone: only when this process holds nothing else.
+    pub async fn claim_batch(
+        &self,
+        limit: u32,
+        lease: Duration,
+        suspects_ok: bool,
+    ) -> sqlx::Result<Claim> {
+        let (claim, _) = claim(
+            &self.pool,
+            &self.worker_id,
+            limit,
+            lease,
+            self.max_claims,
+            suspects_ok,
+            false,
+        )
+        .await?;
+        Ok(claim)
+    }
+
+    /// The claim, each statement also run under `EXPLAIN ANALYZE`: returns the claim and the
+    /// work of its plans (rows produced and removed, times loops), for tests and the benchmark.
+    pub async fn claim_measured(&self, limit: u32, lease: Duration) -> sqlx::Result<(Claim, f64)> {
+        claim(
+            &self.pool,
+            &self.worker_id,
+            limit,
+            lease,
+            self.max_claims,
+            true,
+            true,
+        )
+        .await
+    }
+
+    /// Due pending rows, newest per customer, read without locking (for `run --dry-run`).
+    pub async fn peek_due(&self, limit: u32) -> sqlx::Result<(Vec<OutboxRow>, u64)> {
+        let rows = sqlx::query(peek_sql())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let total = match rows.first() {
+            Some(r) => r.try_get::<i64, _>("due_total")? as u64,
+            None => 0,
+        };
+        let rows = rows.iter().map(decode).collect::<sqlx::Result<_>>()?;
+        Ok((rows, total))
+    }
+
+    /// Puts rows whose lease expired (their worker died) back to `pending` (G4).
+    pub async fn rescue_expired(&self) -> sqlx::Result<u64> {
+        let done = sqlx::query(
+            "UPDATE imprint_sync.customer_outbox
+             SET sync_status = 'pending', lease_expires_at = NULL, leased_by = NULL,
+                 updated_at = now()
+             WHERE sync_status = 'in_flight' AND lease_expires_at < now()",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }

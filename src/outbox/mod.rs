@@ -1,4 +1,4 @@
-//! The outbox: its row type and every SQL statement that works it.
+//! The outbox: its row type and every SQL statement that works it, one file per concern.
 
 pub mod claim;
 pub mod dead_letters;
@@ -6,4 +6,9 @@ pub mod history;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
+pub mod record;
+pub mod replay;
+pub mod replicas;
+pub mod report;
+pub mod retention;
 pub mod store;
