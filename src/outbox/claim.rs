@@ -253,6 +253,13 @@ fn merge_sql() -> &'static str {
             ",\n    ",
         );
         let marks = list(&|c| format!("'{c}', p.{c}_from"), ", ");
+        // A carried value's age, kept only where it is older than the carrier row: a value
+        // the row set itself is as old as the row, which is the default (so the common claim
+        // of a single row writes no `origins` at all).
+        let carried_ages = list(
+            &|c| format!("'{c}', CASE WHEN p.{c}_from < o.id THEN p.{c}_from END"),
+            ", ",
+        );
         let newest = number("e.v");
         let returned = bounded_columns(true);
         format!(
@@ -327,9 +334,10 @@ carried AS (
     UPDATE imprint_sync.customer_outbox o
     SET {fill},
         origins = CASE WHEN p.fate = 'superseded' THEN o.origins
-                       ELSE COALESCE(CASE WHEN jsonb_typeof(o.origins) = 'object'
-                                          THEN o.origins END, '{{}}')
-                            || jsonb_strip_nulls(jsonb_build_object({marks})) END,
+                       ELSE NULLIF(COALESCE(CASE WHEN jsonb_typeof(o.origins) = 'object'
+                                                 THEN o.origins END, '{{}}')
+                                   || jsonb_strip_nulls(jsonb_build_object({carried_ages})),
+                                   '{{}}') END,
         sync_status = CASE p.fate WHEN 'claim' THEN 'in_flight' WHEN 'poison' THEN 'failed'
                                   WHEN 'superseded' THEN 'superseded' ELSE 'pending' END,
         superseded_by = CASE WHEN p.fate = 'superseded' THEN p.newest_mark END,

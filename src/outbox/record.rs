@@ -140,32 +140,59 @@ log AS (
         AS a(outbox_id, customer_id, attempt, started_at, duration_ms, http_status, outcome,
              error_code, error_message)
 )
-SELECT id,
-       CASE WHEN sync_status = 'synced'
-            THEN extract(epoch FROM now() - enqueued_at)::float8 END AS lag_seconds
-FROM done
+SELECT d.id,
+       CASE WHEN d.sync_status = 'synced'
+            THEN extract(epoch FROM now() - d.enqueued_at)::float8 END AS lag_seconds
+FROM done d
+-- The write-back commits without waiting for its WAL to reach disk (flushed within
+-- 3 x wal_writer_delay). A database crash in that window loses the outcome, never the row:
+-- it is still in flight under its lease, is rescued when the lease expires and sent again,
+-- an idempotent update (docs/design.md, "Durability of the write-back").
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS quick_commit
 "#;
 
-impl Store {
-    /// Writes a batch of outcomes in one statement; returns the rows it applied to.
-    pub async fn record(&self, records: &[Record]) -> sqlx::Result<Vec<Applied>> {
-        let n = records.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut statuses = Vec::with_capacity(n);
-        let mut attempt_inc = Vec::with_capacity(n);
-        let mut delay_ms: Vec<Option<i64>> = Vec::with_capacity(n);
-        let mut http_status: Vec<Option<i32>> = Vec::with_capacity(n);
-        let mut error_code: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut claims = Vec::with_capacity(n);
-        let mut holds: Vec<Option<i64>> = Vec::with_capacity(n);
-        let (mut s_ids, mut s_updated, mut s_statuses, mut s_response, mut s_drift) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        let (mut s_claims, mut s_accepted) = (vec![], vec![]);
-        let (mut a_ids, mut a_customer, mut a_attempt, mut a_started, mut a_duration) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        let (mut a_status, mut a_outcome, mut a_code, mut a_message) =
-            (vec![], vec![], vec![], vec![]);
+/// A batch of outcomes as the write-back's columns, one array per bound parameter (`$n` in
+/// [`RECORD_SQL`]): the outbox rows, the sync state of the synced ones, the attempt log.
+#[derive(Default)]
+struct Columns<'a> {
+    // The outbox rows.
+    id: Vec<i64>,
+    status: Vec<&'static str>,
+    attempt_inc: Vec<i32>,
+    delay_ms: Vec<Option<i64>>,
+    http_status: Vec<Option<i32>>,
+    error_code: Vec<Option<&'a str>>,
+    error: Vec<Option<&'a str>>,
+    claim: Vec<Option<DateTime<Utc>>>,
+    hold_ms: Vec<Option<i64>>,
+    // The synced rows' sync state.
+    state_id: Vec<i64>,
+    state_claim: Vec<Option<DateTime<Utc>>>,
+    imprint_updated_at: Vec<Option<DateTime<Utc>>>,
+    statuses: Vec<Option<&'a str>>,
+    response: Vec<Option<&'a str>>,
+    drift: Vec<Option<&'a str>>,
+    accepted: Vec<&'a str>,
+    // The attempt log.
+    log_id: Vec<i64>,
+    log_customer: Vec<&'a str>,
+    log_attempt: Vec<i32>,
+    log_started: Vec<DateTime<Utc>>,
+    log_duration_ms: Vec<i32>,
+    log_http_status: Vec<Option<i32>>,
+    log_outcome: Vec<&'static str>,
+    log_error_code: Vec<Option<&'a str>>,
+    log_error: Vec<Option<&'a str>>,
+}
+
+/// Milliseconds, saturated to what a `bigint` holds.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl<'a> Columns<'a> {
+    fn of(records: &'a [Record]) -> Self {
+        let mut c = Columns::default();
         for r in records {
             let (status, inc, delay) = match &r.disposition {
                 Disposition::Synced {
@@ -175,74 +202,78 @@ impl Store {
                     drift,
                     accepted,
                 } => {
-                    s_accepted.push(accepted.as_str());
-                    s_ids.push(r.id);
-                    s_updated.push(*imprint_updated_at);
-                    s_statuses.push(statuses.as_deref());
-                    s_response.push(response.as_deref());
-                    s_drift.push(drift.as_deref());
-                    s_claims.push(r.claim);
+                    c.state_id.push(r.id);
+                    c.state_claim.push(r.claim);
+                    c.imprint_updated_at.push(*imprint_updated_at);
+                    c.statuses.push(statuses.as_deref());
+                    c.response.push(response.as_deref());
+                    c.drift.push(drift.as_deref());
+                    c.accepted.push(accepted.as_str());
                     ("synced", 1, None)
                 }
-                Disposition::Retry { delay, counts } => (
-                    "pending",
-                    i32::from(*counts),
-                    Some(delay.as_millis() as i64),
-                ),
+                Disposition::Retry { delay, counts } => {
+                    ("pending", i32::from(*counts), Some(millis(*delay)))
+                }
                 Disposition::Failed { counts } => ("failed", i32::from(*counts), None),
                 Disposition::Release => ("pending", 0, None),
             };
-            ids.push(r.id);
-            claims.push(r.claim);
-            holds.push(
-                r.hold
-                    .map(|h| i64::try_from(h.as_millis()).unwrap_or(i64::MAX)),
-            );
-            statuses.push(status);
-            attempt_inc.push(inc);
-            delay_ms.push(delay);
-            http_status.push(r.http_status.map(i32::from));
-            error_code.push(r.error_code.as_deref());
-            error.push(r.error.as_deref());
+            c.id.push(r.id);
+            c.status.push(status);
+            c.attempt_inc.push(inc);
+            c.delay_ms.push(delay);
+            c.http_status.push(r.http_status.map(i32::from));
+            c.error_code.push(r.error_code.as_deref());
+            c.error.push(r.error.as_deref());
+            c.claim.push(r.claim);
+            c.hold_ms.push(r.hold.map(millis));
             for a in &r.attempts {
-                a_ids.push(r.id);
-                a_customer.push(r.customer_id.as_str());
-                a_attempt.push(a.attempt);
-                a_started.push(a.started_at);
-                a_duration.push(a.duration.as_millis().min(i32::MAX as u128) as i32);
-                a_status.push(a.http_status.map(i32::from));
-                a_outcome.push(a.outcome);
-                a_code.push(a.error_code.as_deref());
-                a_message.push(a.error.as_deref());
+                c.log_id.push(r.id);
+                c.log_customer.push(r.customer_id.as_str());
+                c.log_attempt.push(a.attempt);
+                c.log_started.push(a.started_at);
+                c.log_duration_ms
+                    .push(i32::try_from(a.duration.as_millis()).unwrap_or(i32::MAX));
+                c.log_http_status.push(a.http_status.map(i32::from));
+                c.log_outcome.push(a.outcome);
+                c.log_error_code.push(a.error_code.as_deref());
+                c.log_error.push(a.error.as_deref());
             }
         }
+        c
+    }
+}
+
+impl Store {
+    /// Writes a batch of outcomes in one statement; returns the rows it applied to.
+    pub async fn record(&self, records: &[Record]) -> sqlx::Result<Vec<Applied>> {
+        let c = Columns::of(records);
         sqlx::query_as(RECORD_SQL)
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&attempt_inc)
-            .bind(&delay_ms)
-            .bind(&http_status)
-            .bind(&error_code)
-            .bind(&error)
+            .bind(&c.id)
+            .bind(&c.status)
+            .bind(&c.attempt_inc)
+            .bind(&c.delay_ms)
+            .bind(&c.http_status)
+            .bind(&c.error_code)
+            .bind(&c.error)
             .bind(&self.worker_id)
-            .bind(&s_ids)
-            .bind(&s_updated)
-            .bind(&s_statuses)
-            .bind(&s_response)
-            .bind(&s_drift)
-            .bind(&a_ids)
-            .bind(&a_customer)
-            .bind(&a_attempt)
-            .bind(&a_started)
-            .bind(&a_duration)
-            .bind(&a_status)
-            .bind(&a_outcome)
-            .bind(&a_code)
-            .bind(&a_message)
-            .bind(&claims)
-            .bind(&s_claims)
-            .bind(&s_accepted)
-            .bind(&holds)
+            .bind(&c.state_id)
+            .bind(&c.imprint_updated_at)
+            .bind(&c.statuses)
+            .bind(&c.response)
+            .bind(&c.drift)
+            .bind(&c.log_id)
+            .bind(&c.log_customer)
+            .bind(&c.log_attempt)
+            .bind(&c.log_started)
+            .bind(&c.log_duration_ms)
+            .bind(&c.log_http_status)
+            .bind(&c.log_outcome)
+            .bind(&c.log_error_code)
+            .bind(&c.log_error)
+            .bind(&c.claim)
+            .bind(&c.state_claim)
+            .bind(&c.accepted)
+            .bind(&c.hold_ms)
             .fetch_all(&self.pool)
             .await
     }
