@@ -116,3 +116,57 @@ async fn claim_work_is_bounded_when_customers_in_flight_have_newer_rows() {
     sql(&db, &rows(10_000, "pending")).await;
     measured_claim(&db, "1,000 customers in flight with newer rows pending").await;
 }
+
+/// WAL record bytes (full-page images left out: they depend on when the last checkpoint was)
+/// of this database's transactions since `from`, and the synced rows.
+async fn wal_since(db: &TestDb, from: &str) -> i64 {
+    sqlx::query_scalar(
+        r"SELECT COALESCE(sum(record_length - fpi_length), 0)::int8
+          FROM pg_get_wal_records_info($1::pg_lsn, pg_current_wal_lsn())
+          WHERE xid::text::bigint <> 0
+            AND (regexp_match(block_ref, 'rel \d+/(\d+)/'))[1]::oid
+                = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(from)
+    .fetch_one(&db.pool)
+    .await
+    .expect("reading the WAL")
+}
+
+/// G9, the write-back's cost: a synced row (a full profile, claimed, sent, written back with
+/// its sync state and attempt) writes at most `MAX_WAL_PER_ROW` bytes of WAL records on the
+/// partner's database, full-page images aside. Deterministic: bytes, never time.
+#[tokio::test]
+async fn a_synced_row_writes_little_wal() {
+    /// Measured: 4,153 B before the cut of issue 11 (fillfactor 100, `origins` written
+    /// whole), 3,202 B after.
+    const MAX_WAL_PER_ROW: i64 = 3_400;
+    const CUSTOMERS: u32 = 300;
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    sql(
+        &db,
+        "CREATE EXTENSION IF NOT EXISTS pg_walinspect;
+         ALTER TABLE imprint_sync.customer_outbox SET (autovacuum_enabled = false);
+         ALTER TABLE imprint_sync.customer_claims SET (autovacuum_enabled = false);
+         ALTER TABLE imprint_sync.customer_sync_state SET (autovacuum_enabled = false);
+         ALTER TABLE imprint_sync.sync_attempts SET (autovacuum_enabled = false);",
+    )
+    .await;
+    common::seed_customers(&db.pool, 11, CUSTOMERS).await;
+    let sandbox = common::sandbox(imprint_sync::sandbox::Faults::default()).await;
+    let from: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&db.pool)
+        .await
+        .expect("lsn");
+    common::run_once(&db, &sandbox.base_url(), &[]).await;
+    let wal = wal_since(&db, &from).await;
+    let counts = common::counts(&db.pool).await;
+    assert_eq!(counts["synced"], i64::from(CUSTOMERS), "{counts:?}");
+    let per_row = wal / i64::from(CUSTOMERS);
+    eprintln!("WAL per synced row, full-page images aside: {per_row} B ({wal} B in all)");
+    assert!(
+        per_row <= MAX_WAL_PER_ROW,
+        "{per_row} B of WAL per synced row (limit {MAX_WAL_PER_ROW})"
+    );
+}
