@@ -2,7 +2,7 @@
 //! older version left with personal values in `last_error`, and customers with a very long
 //! history. The built binary runs as a process against real PostgreSQL.
 
-mod common;
+use crate::common;
 
 use common::{TestDb, output_text, run_binary};
 use serde_json::Value;

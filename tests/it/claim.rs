@@ -2,7 +2,7 @@
 //! customer's pending rows merge per column, and no request carries a value older than one
 //! already sent for that column — across locked rows, late commits and timeouts.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! with its own parser; the unit goes through `systemd-analyze` where it exists; the SQL runs
 //! against a real PostgreSQL in a throwaway database.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1160,38 +1160,23 @@ mod roles {
     use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 
     use super::read;
+    use crate::common::TestDb;
 
-    const LOCAL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
     const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
-    /// A fresh database on the local server, dropped when this value is dropped.
+    /// A fresh, empty database (the harness's: dropped with it), and how to reach it as a role.
     struct Scratch {
-        admin: PgConnectOptions,
-        name: String,
+        db: TestDb,
         opts: PgConnectOptions,
     }
 
     impl Scratch {
         async fn create() -> Self {
-            let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| LOCAL.to_owned());
-            let admin: PgConnectOptions = url.parse().expect("DATABASE_URL");
-            let admin = admin.log_statements(log::LevelFilter::Trace);
-            let mut conn = admin.connect().await.unwrap_or_else(|e| {
-                panic!(
-                    "no PostgreSQL for the roles test at {}: {e}. Start PostgreSQL on \
-                     127.0.0.1:5432 (user postgres) or set DATABASE_URL to a superuser URL.",
-                    imprint_sync::config::redact_database_url(&url)
-                )
-            });
-            let name = format!("imprint_sync_roles_{:016x}", rand::random::<u64>());
-            conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                r#"CREATE DATABASE "{name}""#
-            ))))
-            .await
-            .expect("CREATE DATABASE");
-            conn.close().await.ok();
-            let opts = admin.clone().database(&name);
-            Self { admin, name, opts }
+            let db = TestDb::empty().await;
+            let opts = imprint_sync::db::connect_options(&db.url)
+                .expect("the test database's URL")
+                .log_statements(log::LevelFilter::Trace);
+            Self { db, opts }
         }
 
         /// A pool on the scratch database whose connections act as `role` (SET ROLE keeps
@@ -1212,30 +1197,6 @@ mod roles {
                 .connect_with(self.opts.clone())
                 .await
                 .expect("connecting to the scratch database")
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let admin = self.admin.clone();
-            let name = self.name.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    if let Ok(mut conn) = admin.connect().await {
-                        let drop = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
-                        if let Err(e) = conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(drop))).await
-                        {
-                            eprintln!("warning: could not drop {name}: {e}");
-                        }
-                    }
-                });
-            })
-            .join()
-            .ok();
         }
     }
 
@@ -1586,12 +1547,9 @@ mod roles {
         }
 
         let sandbox = super::common::sandbox(Default::default()).await;
-        let mut url =
-            url::Url::parse(&std::env::var("DATABASE_URL").unwrap_or_else(|_| LOCAL.to_owned()))
-                .unwrap();
+        let mut url = url::Url::parse(&scratch.db.url).unwrap();
         url.set_username("imprint_sync_daemon").unwrap();
         let _ = url.set_password(None);
-        url.set_path(&scratch.name);
         let env = super::common::test_env(url.as_str(), &sandbox.base_url());
         let mut run = super::common::Daemon::start(&["run", "--once"], &env);
         assert_eq!(

@@ -1,7 +1,7 @@
 //! The configuration: layering, the key file, the shipped defaults, and every validation
 //! error as an operator meets it (the binary's exit code and message).
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::Output;

@@ -4,22 +4,21 @@
 //! Bounds are generous (the machines running the tests are shared and noisy); no test asserts
 //! a tight wall-clock figure. Each rate test prints what it measured (`--nocapture`).
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
 use imprint_sync::config::Settings;
-use imprint_sync::engine::{Engine, EngineSettings, RunMode, Summary};
-use imprint_sync::imprint::Client;
+use imprint_sync::engine::Summary;
 use imprint_sync::sandbox::{self, Faults, SandboxHandle, Stats};
-use imprint_sync::traffic::Traffic;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tokio_util::sync::CancellationToken;
 
 const KEY: &str = "traffic-test-key";
+/// How long a drain may take under the traffic limits these tests set.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// `n` pending rows, one per customer (no coalescing), each a valid profile.
 async fn seed(pool: &PgPool, n: i64) {
@@ -43,6 +42,8 @@ async fn start(rows: i64, faults: Faults) -> (TestDb, SandboxHandle) {
 }
 
 /// Settings for a run against `sandbox` with `key`; `extra` are `SECTION__KEY` overrides.
+/// Unlike `common::test_env`, the shipped traffic defaults (rate limit, retries) apply: they
+/// are what these tests measure.
 fn settings(db: &TestDb, sandbox: &SandboxHandle, key: &str, extra: &[(&str, &str)]) -> Settings {
     let mut env = vec![
         ("DATABASE_URL".to_owned(), db.url.clone()),
@@ -62,27 +63,6 @@ fn settings(db: &TestDb, sandbox: &SandboxHandle, key: &str, extra: &[(&str, &st
             .map(|(k, v)| (format!("IMPRINT_SYNC__{k}"), (*v).to_owned())),
     );
     Settings::load_from(None, env).expect("test settings")
-}
-
-/// An engine in `--once` mode, as `run --once` builds it.
-fn engine(pool: PgPool, s: &Settings, worker_id: &str) -> Engine {
-    Engine::with_mode(
-        pool,
-        Client::from_settings(s).expect("client"),
-        Traffic::new(s),
-        EngineSettings::from_settings(s),
-        worker_id.to_owned(),
-        RunMode { once: true },
-    )
-}
-
-async fn run_once(engine: &Engine) -> Summary {
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        engine.run(CancellationToken::new()),
-    )
-    .await
-    .expect("the run drains the outbox in time")
 }
 
 /// Rows by `sync_status`, and the most attempts any row spent.
@@ -180,8 +160,8 @@ async fn against_a_limit_of_100(configured: &str) -> Limited {
         KEY,
         &[("RATE_LIMIT__REQUESTS_PER_SECOND", configured)],
     );
-    let engine = engine(db.pool.clone(), &s, "rate");
-    let (summary, samples) = measure(&api, run_once(&engine)).await;
+    let engine = common::engine_with(db.pool.clone(), &s, "rate");
+    let (summary, samples) = measure(&api, common::drain(&engine, RUN_LIMIT)).await;
     let stats = api.stats();
     let limited = stats.count(429);
     eprintln!(
@@ -274,10 +254,10 @@ async fn outage(rows: i64, after: Duration) -> Outage {
             ("SYNC__BACKOFF_BASE_MS", "200"),
         ],
     );
-    let engine = engine(db.pool.clone(), &s, "outage");
+    let engine = common::engine_with(db.pool.clone(), &s, "outage");
 
     let started = Instant::now();
-    let (summary, (before, during)) = tokio::join!(run_once(&engine), async {
+    let (summary, (before, during)) = tokio::join!(common::drain(&engine, RUN_LIMIT), async {
         tokio::time::sleep(after).await;
         let before = api.stats().requests_total;
         api.set_faults(faults(1.0)).expect("starting the outage");
@@ -413,11 +393,13 @@ async fn two_replicas_share_the_deployments_rate() {
         .connect(&db.url)
         .await
         .expect("a second pool");
-    let a = engine(db.pool.clone(), &s, "replica-a");
-    let b = engine(other_pool, &s, "replica-b");
+    let a = common::engine_with(db.pool.clone(), &s, "replica-a");
+    let b = common::engine_with(other_pool, &s, "replica-b");
 
-    let ((sa, sb), samples) =
-        measure(&api, async { tokio::join!(run_once(&a), run_once(&b)) }).await;
+    let ((sa, sb), samples) = measure(&api, async {
+        tokio::join!(common::drain(&a, RUN_LIMIT), common::drain(&b, RUN_LIMIT))
+    })
+    .await;
 
     let rate = samples.rate();
     let steady = samples.rate_from(Duration::from_secs(3));

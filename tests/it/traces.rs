@@ -2,7 +2,7 @@
 //! requests carry the `traceparent` of their span, its JSON log lines carry `trace_id`; and
 //! with no endpoint set none of that happens.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

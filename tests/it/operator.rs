@@ -4,7 +4,7 @@
 //! off a terminal, completions, a man page). The built binary runs as a process against real
 //! PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::process::Output;

@@ -1,7 +1,7 @@
 //! The built binary as a process: several replicas, kill -9, a database that goes away,
 //! signals, the run modes and their exit codes, and what it writes to its logs.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

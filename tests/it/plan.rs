@@ -5,7 +5,7 @@
 //! produced and removed by filters, times loops: `outbox::plan::work`) per claimed row to 50.
 //! Deterministic: rows counted, never time.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

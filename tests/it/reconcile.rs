@@ -1,7 +1,7 @@
 //! Reconciliation against the real PostgreSQL and the sandbox over TCP: `imprint-sync
 //! reconcile` (the built binary), the sweep inside `run`, and the sandbox's drift injection.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,7 +1,6 @@
 //! The test harness: a fresh, migrated database per test, on the PostgreSQL at
 //! 127.0.0.1:5432 (or `DATABASE_URL`); where none answers and a Docker engine does, one
 //! started with testcontainers.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
@@ -265,25 +264,31 @@ pub fn settings(db: &TestDb, api: &Url, overrides: &[(&str, &str)]) -> Settings 
 /// An engine for `run --once`, built the way `run` builds it.
 pub fn engine(db: &TestDb, api: &Url, overrides: &[(&str, &str)]) -> Engine {
     let s = settings(db, api, overrides);
+    engine_with(db.pool.clone(), &s, &imprint_sync::engine::worker_id())
+}
+
+/// An engine for `run --once` from `settings`, as replica `worker_id`.
+pub fn engine_with(pool: PgPool, settings: &Settings, worker_id: &str) -> Engine {
     Engine::with_mode(
-        db.pool.clone(),
-        Client::from_settings(&s).expect("client"),
-        Traffic::new(&s),
-        EngineSettings::from_settings(&s),
-        imprint_sync::engine::worker_id(),
+        pool,
+        Client::from_settings(settings).expect("client"),
+        Traffic::new(settings),
+        EngineSettings::from_settings(settings),
+        worker_id.to_owned(),
         RunMode { once: true },
     )
 }
 
+/// Runs `engine` until the outbox is drained, as `run --once` does; gives up after `limit`.
+pub async fn drain(engine: &Engine, limit: Duration) -> Summary {
+    tokio::time::timeout(limit, engine.run(CancellationToken::new()))
+        .await
+        .unwrap_or_else(|_| panic!("the engine drains the outbox within {limit:?}"))
+}
+
 /// Drains the outbox in this process, as `run --once` does; gives up after a minute.
 pub async fn run_once(db: &TestDb, api: &Url, overrides: &[(&str, &str)]) -> Summary {
-    let engine = engine(db, api, overrides);
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        engine.run(CancellationToken::new()),
-    )
-    .await
-    .expect("the engine drains the outbox within a minute")
+    drain(&engine(db, api, overrides), Duration::from_secs(60)).await
 }
 
 /// A sandbox on a free port of 127.0.0.1 that accepts [`API_KEY`].
@@ -362,14 +367,13 @@ pub struct RowState {
     pub last_error_code: Option<String>,
     pub last_error: Option<String>,
     pub superseded_by: Option<i64>,
-    pub leased_by: Option<String>,
 }
 
 /// Every outbox row, by id.
 pub async fn rows(pool: &PgPool) -> Vec<RowState> {
     sqlx::query_as(
         "SELECT id, customer_id, sync_status, attempts, last_http_status, last_error_code,
-                last_error, superseded_by, leased_by
+                last_error, superseded_by
          FROM imprint_sync.customer_outbox ORDER BY id",
     )
     .fetch_all(pool)

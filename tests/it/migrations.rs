@@ -1,7 +1,7 @@
 //! The schema as partners and operators meet it: `imprint-sync migrate`, the outbox's
 //! constraints, the ready trigger function, and the NOTIFY that wakes the daemon.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

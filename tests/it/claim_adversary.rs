@@ -1,7 +1,7 @@
 //! An adversary's cases against the claim (issue 10 §3, §4): provenance of carried values,
 //! and a customer's claim record that cannot be read.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The engine's guarantees (DESIGN §1) and answer table (§3), driven in this process against
 //! a real PostgreSQL and a real HTTP server (the sandbox, or wiremock for exact answers).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! daemon, `imprint-sync status`, and `imprint-sync demo`. The built binary runs as a
 //! process against real PostgreSQL; the sandbox runs in the test.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
