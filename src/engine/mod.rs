@@ -5,6 +5,7 @@
 //! recorder that writes them back in batches. Rows move one way: outbox row -> profile
 //! mapping -> request -> client -> answer -> record.
 
+pub mod fate;
 mod maintenance;
 mod recorder;
 pub mod shutdown;
@@ -21,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admin::RowOutcome;
 use crate::config::Settings;
 use crate::imprint::Client;
+use crate::outbox::outcome::ErrorCode;
 use crate::outbox::store::Store;
 use crate::traffic::Traffic;
 
@@ -376,7 +379,9 @@ async fn claimer(
             }
             Err(e) => {
                 drop(permits);
-                if is_unique_violation(&e) {
+                if e.as_database_error()
+                    .is_some_and(|d| d.is_unique_violation())
+                {
                     // Another replica claimed a row of the same customer at the same moment;
                     // the unique index refused the second (G1). Just claim again.
                     continue;
@@ -397,7 +402,7 @@ async fn claimer(
         let claimed_at = claim.lease_started;
         for (id, customer_id) in &claim.failed {
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("imprint_sync_rows_total", "outcome" => "failed").increment(1);
+            RowOutcome::Failed.count(1);
             // Only an id that passed validation is logged (the partner writes it).
             let customer_id = if crate::profile::check_customer_id(customer_id).is_ok() {
                 customer_id.as_str()
@@ -407,7 +412,8 @@ async fn claimer(
             tracing::warn!(
                 outbox_id = id,
                 customer_id,
-                "row set aside by the claim (poison_row or an unusable customer id); marked failed"
+                "row set aside by the claim ({} or an unusable customer id); marked failed",
+                ErrorCode::PoisonRow
             );
         }
         if claim.superseded > 0 {
@@ -415,8 +421,7 @@ async fn claimer(
                 .stats
                 .superseded
                 .fetch_add(claim.superseded, Ordering::Relaxed);
-            metrics::counter!("imprint_sync_rows_total", "outcome" => "superseded")
-                .increment(claim.superseded);
+            RowOutcome::Superseded.count(claim.superseded);
         }
         let got = claim.rows.len();
         // A span per batch that holds rows (an idle poll makes none): each row's span is its
@@ -489,12 +494,6 @@ async fn wait(shared: &Shared, wake: &Notify, timeout: Duration) {
         _ = wake.notified() => {}
         _ = tokio::time::sleep(timeout) => {}
     }
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c == "23505")
 }
 
 /// A process-unique worker id: host, pid and a random suffix.

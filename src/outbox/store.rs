@@ -71,7 +71,7 @@ pub struct AttemptLog {
     pub started_at: DateTime<Utc>,
     pub duration: Duration,
     pub http_status: Option<u16>,
-    pub outcome: &'static str,
+    pub outcome: super::outcome::AttemptOutcome,
     pub error_code: Option<String>,
     pub error: Option<String>,
 }
@@ -307,7 +307,7 @@ impl Store {
                 a_started.push(a.started_at);
                 a_duration.push(a.duration.as_millis().min(i32::MAX as u128) as i32);
                 a_status.push(a.http_status.map(i32::from));
-                a_outcome.push(a.outcome);
+                a_outcome.push(a.outcome.as_str());
                 a_code.push(a.error_code.as_deref());
                 a_message.push(a.error.as_deref());
             }
