@@ -11,7 +11,8 @@ use crate::cli::StatusArgs;
 use crate::config::Settings;
 use crate::db;
 use crate::outbox::reconcile::ReconcileStore;
-use crate::outbox::store::{StatusReport, Store};
+use crate::outbox::report::StatusReport;
+use crate::outbox::store::Store;
 
 /// Runs `status` with its flags; returns the exit code (`--check`: 1 on a breach).
 pub async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<u8> {

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{TestDb, customer_id, insert, row};
-use imprint_sync::outbox::store::{Disposition, Record, Store};
+use imprint_sync::outbox::record::{Disposition, Record};
+use imprint_sync::outbox::store::Store;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 

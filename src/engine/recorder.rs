@@ -11,7 +11,7 @@ use super::shutdown::Backoff;
 use super::worker::Done;
 use crate::admin::RowOutcome;
 use crate::outbox::outcome::ErrorCode;
-use crate::outbox::store::{Disposition, Record};
+use crate::outbox::record::{Disposition, Record};
 use crate::profile::LogId;
 
 /// Most records written by one statement.
@@ -62,7 +62,7 @@ async fn write(
     records: &[Record],
     backoff: &mut Backoff,
     rx: &Receiver<Done>,
-) -> Option<sqlx::Result<Vec<crate::outbox::store::Applied>>> {
+) -> Option<sqlx::Result<Vec<crate::outbox::record::Applied>>> {
     loop {
         match shared.db(shared.store.record(records)).await {
             Ok(applied) => {
@@ -85,7 +85,7 @@ async fn write(
     }
 }
 
-fn count(records: &[Record], applied: &[crate::outbox::store::Applied]) {
+fn count(records: &[Record], applied: &[crate::outbox::record::Applied]) {
     for a in applied {
         if let Some(lag) = a.lag_seconds {
             metrics::histogram!("imprint_sync_sync_lag_seconds").record(lag);

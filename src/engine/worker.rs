@@ -17,7 +17,7 @@ use crate::imprint::error::{Answer, TransportKind};
 use crate::imprint::model::json_text;
 use crate::outbox::model::OutboxRow;
 use crate::outbox::outcome::ErrorCode;
-use crate::outbox::store::{AttemptLog, Disposition, Record};
+use crate::outbox::record::{AttemptLog, Disposition, Record};
 use crate::profile;
 use crate::traffic::{Admit, retry};
 

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use super::model::{Defect, OutboxRow};
 use super::outcome::ErrorCode;
+use super::store::Store;
 use crate::profile::limits;
 
 /// What one claim did.
@@ -256,6 +257,13 @@ fn merge_sql() -> &'static str {
             ",\n    ",
         );
         let marks = list(&|c| format!("'{c}', p.{c}_from"), ", ");
+        // A carried value's age, kept only where it is older than the carrier row: a value
+        // the row set itself is as old as the row, which is the default (so the common claim
+        // of a single row writes no `origins` at all).
+        let carried_ages = list(
+            &|c| format!("'{c}', CASE WHEN p.{c}_from < o.id THEN p.{c}_from END"),
+            ", ",
+        );
         let newest = number("e.v");
         let returned = bounded_columns(true);
         format!(
@@ -330,9 +338,10 @@ carried AS (
     UPDATE imprint_sync.customer_outbox o
     SET {fill},
         origins = CASE WHEN p.fate = 'superseded' THEN o.origins
-                       ELSE COALESCE(CASE WHEN jsonb_typeof(o.origins) = 'object'
-                                          THEN o.origins END, '{{}}')
-                            || jsonb_strip_nulls(jsonb_build_object({marks})) END,
+                       ELSE NULLIF(COALESCE(CASE WHEN jsonb_typeof(o.origins) = 'object'
+                                                 THEN o.origins END, '{{}}')
+                                   || jsonb_strip_nulls(jsonb_build_object({carried_ages})),
+                                   '{{}}') END,
         sync_status = CASE p.fate WHEN 'claim' THEN 'in_flight' WHEN 'poison' THEN 'failed'
                                   WHEN 'superseded' THEN 'superseded' ELSE 'pending' END,
         superseded_by = CASE WHEN p.fate = 'superseded' THEN p.newest_mark END,
@@ -636,5 +645,75 @@ fn defect(column: &str, reason: &str) -> Defect {
             .find(|c| *c == column)
             .unwrap_or("row"),
         reason: reason.to_owned(),
+    }
+}
+
+impl Store {
+    /// Claims up to `limit` due rows under a lease of `lease` (see [`super::claim`]).
+    pub async fn claim(&self, limit: u32, lease: Duration) -> sqlx::Result<Claim> {
+        self.claim_batch(limit, lease, true).await
+    }
+
+    /// The claim; `suspects_ok` lets it take a suspect row (claimed before, never written
+    /// back), alone: only when this process holds nothing else.
+    pub async fn claim_batch(
+        &self,
+        limit: u32,
+        lease: Duration,
+        suspects_ok: bool,
+    ) -> sqlx::Result<Claim> {
+        let (claim, _) = claim(
+            &self.pool,
+            &self.worker_id,
+            limit,
+            lease,
+            self.max_claims,
+            suspects_ok,
+            false,
+        )
+        .await?;
+        Ok(claim)
+    }
+
+    /// The claim, each statement also run under `EXPLAIN ANALYZE`: returns the claim and the
+    /// work of its plans (rows produced and removed, times loops), for tests and the benchmark.
+    pub async fn claim_measured(&self, limit: u32, lease: Duration) -> sqlx::Result<(Claim, f64)> {
+        claim(
+            &self.pool,
+            &self.worker_id,
+            limit,
+            lease,
+            self.max_claims,
+            true,
+            true,
+        )
+        .await
+    }
+
+    /// Due pending rows, newest per customer, read without locking (for `run --dry-run`).
+    pub async fn peek_due(&self, limit: u32) -> sqlx::Result<(Vec<OutboxRow>, u64)> {
+        let rows = sqlx::query(peek_sql())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let total = match rows.first() {
+            Some(r) => r.try_get::<i64, _>("due_total")? as u64,
+            None => 0,
+        };
+        let rows = rows.iter().map(decode).collect::<sqlx::Result<_>>()?;
+        Ok((rows, total))
+    }
+
+    /// Puts rows whose lease expired (their worker died) back to `pending` (G4).
+    pub async fn rescue_expired(&self) -> sqlx::Result<u64> {
+        let done = sqlx::query(
+            "UPDATE imprint_sync.customer_outbox
+             SET sync_status = 'pending', lease_expires_at = NULL, leased_by = NULL,
+                 updated_at = now()
+             WHERE sync_status = 'in_flight' AND lease_expires_at < now()",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }

@@ -1,4 +1,4 @@
-//! The outbox: its row type and every SQL statement that works it.
+//! The outbox: its row type and every SQL statement that works it, one file per concern.
 
 pub mod claim;
 pub mod dead_letters;
@@ -7,4 +7,9 @@ pub mod model;
 pub mod outcome;
 pub mod plan;
 pub mod reconcile;
+pub mod record;
+pub mod replay;
+pub mod replicas;
+pub mod report;
+pub mod retention;
 pub mod store;

@@ -605,11 +605,11 @@ pub fn refused(
     id: i64,
     customer: &str,
     claim: Option<chrono::DateTime<chrono::Utc>>,
-) -> imprint_sync::outbox::store::Record {
-    imprint_sync::outbox::store::Record {
+) -> imprint_sync::outbox::record::Record {
+    imprint_sync::outbox::record::Record {
         id,
         customer_id: customer.to_owned(),
-        disposition: imprint_sync::outbox::store::Disposition::Failed { counts: true },
+        disposition: imprint_sync::outbox::record::Disposition::Failed { counts: true },
         http_status: Some(400),
         error_code: Some("INVALID_REQUEST_ERROR".into()),
         error: Some("email: refused".into()),
