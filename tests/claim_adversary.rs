@@ -1,6 +1,11 @@
 //! An adversary's cases against the claim (issue 10 §3, §4): provenance of carried values,
 //! and a customer's claim record that cannot be read.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,11 @@
 //! The real `Client` over TCP: against the in-process sandbox for what each answer becomes, and
 //! against wiremock or a raw socket for exact protocol cases.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 use std::time::Duration;
 
 use imprint_sync::imprint::error::Answer;

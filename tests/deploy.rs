@@ -4,6 +4,11 @@
 //! with its own parser; the unit goes through `systemd-analyze` where it exists; the SQL runs
 //! against a real PostgreSQL in a throwaway database.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -463,13 +468,13 @@ fn deployment_runs_two_hardened_probed_replicas() {
         .require(Needs::ApiKey)
         .expect("the pod's configuration has an API key");
     assert_eq!(settings.admin.listen, "0.0.0.0:9187");
-    let grace_s = at(pod, "terminationGracePeriodSeconds").as_i64().unwrap();
+    let grace_s = at(pod, "terminationGracePeriodSeconds").as_u64().unwrap();
     assert!(
         grace_s > 10,
         "terminationGracePeriodSeconds {grace_s} must exceed 10"
     );
     assert!(
-        (grace_s as u64) * 1000 > settings.sync.shutdown_grace_ms + 5_000,
+        grace_s * 1000 > settings.sync.shutdown_grace_ms + 5_000,
         "terminationGracePeriodSeconds ({grace_s}s) must exceed sync.shutdown_grace_ms ({} ms) with room to spare",
         settings.sync.shutdown_grace_ms
     );

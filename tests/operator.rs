@@ -4,6 +4,11 @@
 //! off a terminal, completions, a man page). The built binary runs as a process against real
 //! PostgreSQL.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -1,6 +1,11 @@
 //! Outbox row -> request body (DESIGN §2), and every rule that refuses a row (G7), with errors
 //! that name the field and never the value (G8).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 use chrono::{TimeZone, Utc};
 use imprint_sync::outbox::model::OutboxRow;
 use imprint_sync::profile::{ProfileError, map_row};

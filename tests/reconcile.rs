@@ -1,6 +1,11 @@
 //! Reconciliation against the real PostgreSQL and the sandbox over TCP: `imprint-sync
 //! reconcile` (the built binary), the sweep inside `run`, and the sandbox's drift injection.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

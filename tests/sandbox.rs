@@ -1,5 +1,10 @@
 //! The sandbox's own contract, over HTTP: what a partner developing against it may rely on.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 use std::collections::HashSet;
 
 use imprint_sync::sandbox::{self, Faults, SandboxHandle, Stats};

@@ -2,6 +2,11 @@
 //! requests carry the `traceparent` of their span, its JSON log lines carry `trace_id`; and
 //! with no endpoint set none of that happens.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers unwrap as freely as the tests they serve"
+)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -18,8 +18,8 @@ use crate::imprint::model::json_text;
 use crate::outbox::model::OutboxRow;
 use crate::outbox::outcome::ErrorCode;
 use crate::outbox::record::{AttemptLog, Disposition, Record};
-use crate::profile;
 use crate::traffic::{Admit, retry};
+use crate::{profile, telemetry};
 
 /// Time kept free between a request's timeout and its lease running out.
 const LEASE_SAFETY: Duration = Duration::from_secs(1);
@@ -153,7 +153,7 @@ async fn send(
                 shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
                 if let Answer::RateLimited { retry_after } = answer {
                     tracing::debug!(
-                        retry_after_ms = retry_after.as_millis() as u64,
+                        retry_after_ms = telemetry::ms(retry_after),
                         "rate limited (429)"
                     );
                 }
@@ -179,7 +179,7 @@ async fn send(
                 tracing::debug!(
                     error_code = code.as_deref(),
                     attempt = n,
-                    delay_ms = delay.as_millis() as u64,
+                    delay_ms = telemetry::ms(delay),
                     "retrying later"
                 );
                 let disposition = Disposition::Retry {

@@ -445,7 +445,7 @@ pub(super) async fn claim(
     )
     .execute(&mut *tx.tx)
     .await?;
-    let limit_n = limit as usize;
+    let limit_n = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut claim = Claim::default();
 
     // 1. Scan due rows a page at a time; 2. gate each page's new customers; until the batch
@@ -519,7 +519,7 @@ pub(super) async fn claim(
                 take.push(cand.customer_id);
             }
         }
-        if (rows.len() as i64) < page || take.len() >= limit_n {
+        if rows.len() < limit_n || take.len() >= limit_n {
             break;
         }
     }
@@ -527,7 +527,7 @@ pub(super) async fn claim(
         let ids = bad_ids.clone();
         tx.fetch(BAD_ID_SQL, move |q| {
             q.bind(ids.clone())
-                .bind(limits::CUSTOMER_ID_MAX as i32)
+                .bind(i32::try_from(limits::CUSTOMER_ID_MAX).unwrap_or(i32::MAX))
                 .bind(ErrorCode::InvalidProfile.as_str())
         })
         .await?;
@@ -564,7 +564,7 @@ pub(super) async fn claim(
 
     let mut lease_left = lease;
     if let Some(r) = rows.first() {
-        claim.superseded = r.try_get::<i64, _>("older")? as u64;
+        claim.superseded = u64::try_from(r.try_get::<i64, _>("older")?).unwrap_or(0);
     }
     for r in &rows {
         match r.try_get::<&str, _>("sync_status")? {
@@ -697,7 +697,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         let total = match rows.first() {
-            Some(r) => r.try_get::<i64, _>("due_total")? as u64,
+            Some(r) => u64::try_from(r.try_get::<i64, _>("due_total")?).unwrap_or(0),
             None => 0,
         };
         let rows = rows.iter().map(decode).collect::<sqlx::Result<_>>()?;

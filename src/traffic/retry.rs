@@ -16,7 +16,7 @@ pub fn ceiling(attempts: u32, base: Duration, max: Duration) -> Duration {
 
 /// A delay drawn uniformly in `[0, ceiling]`, to the millisecond.
 pub fn jitter(ceiling: Duration) -> Duration {
-    let ms = ceiling.as_millis() as u64;
+    let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(if ms == 0 {
         0
     } else {
