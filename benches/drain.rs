@@ -43,7 +43,7 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 
 const KEY: &str = "bench-key";
 const CONCURRENCY: usize = 64;
-const BATCH: i64 = 500;
+const BATCH: u32 = 500;
 /// Everything from this line on in `bench/results.md` is kept when the figures are rewritten.
 const NOTES_MARKER: &str = "<!-- notes: kept by the benchmark -->";
 
@@ -551,7 +551,7 @@ impl Bench {
         };
         Ok(Figures {
             pending,
-            synced: synced as u64,
+            synced: u64::try_from(synced).unwrap_or(0),
             seconds,
             stopped,
             rate: synced as f64 / seconds,
@@ -639,9 +639,7 @@ struct Work {
 async fn explain_claim(pool: &PgPool) -> anyhow::Result<Work> {
     let store = imprint_sync::outbox::store::Store::new(pool.clone(), "bench-explain");
     let t0 = std::time::Instant::now();
-    let (claim, total) = store
-        .claim_measured(BATCH as u32, Duration::from_secs(60))
-        .await?;
+    let (claim, total) = store.claim_measured(BATCH, Duration::from_secs(60)).await?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     give_back(pool, "bench-explain").await?;
     Ok(Work {
@@ -680,7 +678,7 @@ async fn explain_plans(
     let start = std::fs::metadata(log)?.len();
     let store = imprint_sync::outbox::store::Store::new(explained.clone(), "bench-auto-explain");
     let t0 = std::time::Instant::now();
-    let claim = store.claim(BATCH as u32, Duration::from_secs(60)).await?;
+    let claim = store.claim(BATCH, Duration::from_secs(60)).await?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     explained.close().await;
     let end = std::fs::metadata(log)?.len();
@@ -1016,6 +1014,11 @@ async fn idle_latency(
         lat.len()
     );
     lat.sort_by(|a, b| a.total_cmp(b));
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an index within `lat` (p is in [0, 1])"
+    )]
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     Ok((pct(0.50), pct(0.99)))
 }

@@ -166,7 +166,7 @@ ORDER BY n
 "#,
     )
     .bind(i64::from(rows))
-    .bind(customers as i64)
+    .bind(i64::try_from(customers).unwrap_or(i64::MAX))
     .bind(UNKNOWN_CUSTOMER)
     .execute(pool)
     .await
@@ -194,7 +194,7 @@ async fn track(store: Store, bar: ProgressBar, stop: CancellationToken) {
     let total = bar.length().unwrap_or(0);
     loop {
         if let Ok(g) = store.gauges().await {
-            bar.set_position(total.saturating_sub(g.pending.max(0) as u64));
+            bar.set_position(total.saturating_sub(u64::try_from(g.pending).unwrap_or(0)));
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -29,7 +29,7 @@ pub async fn failed(settings: &Settings, args: &FailedArgs) -> anyhow::Result<()
 /// Dead letters as an aligned table, with a line saying how many were left out.
 pub fn failed_table(d: &DeadLetters) -> String {
     let mut out = dead_letter_table(&d.rows);
-    let shown = d.rows.len() as i64;
+    let shown = i64::try_from(d.rows.len()).unwrap_or(i64::MAX);
     let rows = if d.total == 1 { "row" } else { "rows" };
     out.push_str(&if shown < d.total {
         format!("{shown} of {} failed {rows} shown (--limit)\n", d.total)
@@ -125,7 +125,7 @@ pub fn history_text(h: &History) -> String {
             ]
         })
         .collect();
-    let shown = if h.rows_total > h.rows.len() as i64 {
+    let shown = if h.rows_total > i64::try_from(h.rows.len()).unwrap_or(i64::MAX) {
         format!(
             "the newest {} of {}; --limit shows more",
             h.rows.len(),

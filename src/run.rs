@@ -11,6 +11,7 @@ use crate::engine::shutdown::{self, Backoff};
 use crate::engine::{Engine, EngineSettings, Health, RunMode, Summary};
 use crate::imprint::Client;
 use crate::outbox::dead_letters::Binds;
+use crate::outbox::outcome::ErrorCode;
 use crate::outbox::store::Store;
 use crate::traffic::Traffic;
 use crate::{db, profile};
@@ -195,7 +196,7 @@ async fn dry_run(store: &Store, limit: u32) -> anyhow::Result<u8> {
                 serde_json::json!({
                     "outbox_id": row.id,
                     "customer_id": profile::LogId(&row.customer_id).to_string(),
-                    "would_fail": {"error_code": "invalid_profile", "field": e.field, "message": e.to_string()},
+                    "would_fail": {"error_code": ErrorCode::InvalidProfile.as_str(), "field": e.field, "message": e.to_string()},
                 })
             }
         };

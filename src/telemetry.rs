@@ -23,6 +23,12 @@ const ENDPOINT_VARS: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
 ];
 
+/// A duration in whole milliseconds, for log fields and clocks kept in an integer
+/// (saturating: no real duration gets near `u64::MAX` ms).
+pub fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Colour only for a person at a terminal, and never when `NO_COLOR` is set
 /// (<https://no-color.org>): escape codes in a journal or a log file are noise.
 pub fn colour() -> bool {

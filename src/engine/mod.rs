@@ -5,6 +5,7 @@
 //! recorder that writes them back in batches. Rows move one way: outbox row -> profile
 //! mapping -> request -> client -> answer -> record.
 
+pub mod fate;
 mod maintenance;
 mod recorder;
 pub mod shutdown;
@@ -21,9 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admin::RowOutcome;
 use crate::config::Settings;
 use crate::imprint::Client;
+use crate::outbox::outcome::ErrorCode;
 use crate::outbox::store::Store;
+use crate::telemetry;
 use crate::traffic::Traffic;
 
 /// The NOTIFY channel the outbox trigger signals.
@@ -149,13 +153,13 @@ impl Default for Health {
 
 impl Health {
     pub fn tick(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_tick_ms.store(ms, Ordering::Relaxed);
+        self.last_tick_ms
+            .store(telemetry::ms(self.started.elapsed()), Ordering::Relaxed);
     }
 
     /// Time since the loop last ticked.
     pub fn since_tick(&self) -> Duration {
-        let now = self.started.elapsed().as_millis() as u64;
+        let now = telemetry::ms(self.started.elapsed());
         Duration::from_millis(now.saturating_sub(self.last_tick_ms.load(Ordering::Relaxed)))
     }
 }
@@ -292,7 +296,7 @@ impl Engine {
             .is_err()
         {
             tracing::warn!(
-                grace_ms = s.shutdown_grace.as_millis() as u64,
+                grace_ms = telemetry::ms(s.shutdown_grace),
                 "requests still in flight after the shutdown grace; cutting them off"
             );
             shared.hard_stop.cancel();
@@ -348,7 +352,8 @@ async fn claimer(
         // a few large claims cost far less than many small ones.
         let low_water = (s.batch_size as usize / 2).max(1);
         if limit == 0 || (limit < low_water && in_hand >= s.concurrency as usize) {
-            let want = low_water.min(capacity) as u32;
+            // At most half a batch: within u32, like `sync.batch_size`.
+            let want = u32::try_from(low_water.min(capacity)).unwrap_or(s.batch_size);
             tokio::select! {
                 _ = shared.stop.cancelled() => return,
                 p = window.clone().acquire_many_owned(want) => drop(p),
@@ -357,16 +362,16 @@ async fn claimer(
             }
             continue;
         }
+        // At most `sync.batch_size`: within u32.
+        let limit_n = u32::try_from(limit).unwrap_or(s.batch_size);
         let permits = window
             .clone()
-            .try_acquire_many_owned(limit as u32)
+            .try_acquire_many_owned(limit_n)
             .expect("limit is within the free permits");
         // A suspect row (claimed before, never written back) is taken only while this
         // process holds nothing else: if it kills the process, only it is blamed.
         let claim = match shared
-            .db(shared
-                .store
-                .claim_batch(limit as u32, s.lease, in_hand == 0))
+            .db(shared.store.claim_batch(limit_n, s.lease, in_hand == 0))
             .await
         {
             Ok(c) => {
@@ -376,7 +381,9 @@ async fn claimer(
             }
             Err(e) => {
                 drop(permits);
-                if is_unique_violation(&e) {
+                if e.as_database_error()
+                    .is_some_and(|d| d.is_unique_violation())
+                {
                     // Another replica claimed a row of the same customer at the same moment;
                     // the unique index refused the second (G1). Just claim again.
                     continue;
@@ -397,7 +404,7 @@ async fn claimer(
         let claimed_at = claim.lease_started;
         for (id, customer_id) in &claim.failed {
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("imprint_sync_rows_total", "outcome" => "failed").increment(1);
+            RowOutcome::Failed.count(1);
             // Only an id that passed validation is logged (the partner writes it).
             let customer_id = if crate::profile::check_customer_id(customer_id).is_ok() {
                 customer_id.as_str()
@@ -407,7 +414,8 @@ async fn claimer(
             tracing::warn!(
                 outbox_id = id,
                 customer_id,
-                "row set aside by the claim (poison_row or an unusable customer id); marked failed"
+                "row set aside by the claim ({} or an unusable customer id); marked failed",
+                ErrorCode::PoisonRow
             );
         }
         if claim.superseded > 0 {
@@ -415,14 +423,13 @@ async fn claimer(
                 .stats
                 .superseded
                 .fetch_add(claim.superseded, Ordering::Relaxed);
-            metrics::counter!("imprint_sync_rows_total", "outcome" => "superseded")
-                .increment(claim.superseded);
+            RowOutcome::Superseded.count(claim.superseded);
         }
         let got = claim.rows.len();
         // A span per batch that holds rows (an idle poll makes none): each row's span is its
         // child, so a trace shows the batch and everything sent for it.
         let batch = if got > 0 {
-            tracing::info_span!("batch", rows = got, lease_ms = s.lease.as_millis() as u64)
+            tracing::info_span!("batch", rows = got, lease_ms = telemetry::ms(s.lease))
         } else {
             tracing::Span::none()
         };
@@ -489,12 +496,6 @@ async fn wait(shared: &Shared, wake: &Notify, timeout: Duration) {
         _ = wake.notified() => {}
         _ = tokio::time::sleep(timeout) => {}
     }
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c == "23505")
 }
 
 /// A process-unique worker id: host, pid and a random suffix.

@@ -9,6 +9,8 @@ use tokio::sync::mpsc::Receiver;
 use super::Shared;
 use super::shutdown::Backoff;
 use super::worker::Done;
+use crate::admin::RowOutcome;
+use crate::outbox::outcome::ErrorCode;
 use crate::outbox::record::{Disposition, Record};
 use crate::profile::LogId;
 
@@ -91,18 +93,19 @@ fn count(records: &[Record], applied: &[crate::outbox::record::Applied]) {
     }
     let applied_ids: std::collections::HashSet<i64> = applied.iter().map(|a| a.id).collect();
     for r in records {
-        let outcome = match (&r.disposition, r.error_code.as_deref()) {
-            (Disposition::Synced { .. }, _) => "synced",
-            (Disposition::Failed { .. }, Some("invalid_profile")) => "invalid",
-            (Disposition::Failed { .. }, _) => "failed",
-            (Disposition::Retry { .. }, _) => "retried",
-            (Disposition::Release, _) => continue,
+        let invalid = r.error_code.as_deref() == Some(ErrorCode::InvalidProfile.as_str());
+        let outcome = match &r.disposition {
+            Disposition::Synced { .. } => RowOutcome::Synced,
+            Disposition::Failed { .. } if invalid => RowOutcome::Invalid,
+            Disposition::Failed { .. } => RowOutcome::Failed,
+            Disposition::Retry { .. } => RowOutcome::Retried,
+            Disposition::Release => continue,
         };
         if !applied_ids.contains(&r.id) {
-            tracing::warn!(outbox_id = r.id, customer_id = %LogId(&r.customer_id), outcome, "outcome not written: the row's lease had passed to another worker");
+            tracing::warn!(outbox_id = r.id, customer_id = %LogId(&r.customer_id), outcome = outcome.as_str(), "outcome not written: the row's lease had passed to another worker");
             continue;
         }
-        metrics::counter!("imprint_sync_rows_total", "outcome" => outcome).increment(1);
+        outcome.count(1);
     }
 }
 

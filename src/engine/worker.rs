@@ -10,13 +10,16 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Shared;
+use super::fate::{self, Fate, Policy};
+use crate::admin::HttpClass;
 use crate::imprint::UpdateCustomerRequest;
-use crate::imprint::error::Answer;
+use crate::imprint::error::{Answer, TransportKind};
 use crate::imprint::model::json_text;
 use crate::outbox::model::OutboxRow;
+use crate::outbox::outcome::ErrorCode;
 use crate::outbox::record::{AttemptLog, Disposition, Record};
-use crate::profile;
 use crate::traffic::{Admit, retry};
+use crate::{profile, telemetry};
 
 /// Time kept free between a request's timeout and its lease running out.
 const LEASE_SAFETY: Duration = Duration::from_secs(1);
@@ -65,7 +68,7 @@ async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Optio
             tracing::warn!(
                 outbox_id = row.id,
                 customer_id = %profile::LogId(&row.customer_id),
-                error_code = "invalid_profile",
+                error_code = %ErrorCode::InvalidProfile,
                 field = e.field,
                 "row cannot be mapped; marked failed"
             );
@@ -73,7 +76,7 @@ async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Optio
                 row,
                 Disposition::Failed { counts: false },
                 None,
-                Some("invalid_profile".into()),
+                Some(ErrorCode::InvalidProfile.to_string()),
                 Some(format!("outbox row {}: {e}", row.id)),
                 vec![],
             ));
@@ -134,154 +137,169 @@ async fn send(
         let duration = t0.elapsed();
         shared.traffic.report(&answer, probe);
         observe(&answer, duration);
-        let n = row.attempts + 1;
-        let log =
-            |outcome, status: Option<u16>, code: Option<&str>, error: Option<String>| AttemptLog {
-                attempt: n,
-                started_at,
-                duration,
-                http_status: status,
-                outcome,
-                error_code: code.map(str::to_owned),
-                error,
-            };
-        match answer {
-            Answer::Synced { status, customer } => {
-                attempts.push(log("synced", Some(status), None, None));
+        let n = row.attempts.saturating_add(1);
+        // A count below zero (edited by hand) is past any limit.
+        let attempt = u32::try_from(n).unwrap_or(u32::MAX);
+        attempts.push(attempt_log(&answer, n, started_at, duration));
+        let status = answer.status();
+        let error = answer.error();
+        match fate::decide(&answer, attempt, &Policy::from_settings(&shared.settings)) {
+            Fate::Synced => {
                 shared.stats.synced.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(http_status = status, "synced");
-                let sent = request.fields();
-                // The names of the fields Imprint returned otherwise than sent, compared as
-                // reconciliation compares them (never the values).
-                let drift = crate::reconcile::compare::drifted_fields(&sent, &customer);
-                let disposition = Disposition::Synced {
-                    imprint_updated_at: customer.updated_at(),
-                    statuses: customer.statuses.as_ref().map(json_text),
-                    drift: (!drift.is_empty()).then(|| json_text(&drift)),
-                    accepted: json_text(&sent),
-                    response: Some(customer.into_stored(shared.settings.keep_sensitive)),
-                };
-                return record(row, disposition, Some(status), None, None, attempts);
+                return synced(shared, row, request, answer, attempts);
             }
-            Answer::Accepted { status, error } => {
-                // Accepted, so final; what Imprint now holds is unknown, so no state is kept
-                // (the previous one is stale) and the code says why.
-                attempts.push(log("synced", Some(status), Some(&error.code), None));
-                shared.stats.synced.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(http_status = status, error_code = %error.code, "synced, but the answer could not be read");
-                let disposition = Disposition::Synced {
-                    imprint_updated_at: None,
-                    statuses: None,
-                    drift: None,
-                    // Imprint took the request, even if its answer cannot be read.
-                    accepted: json_text(&request.fields()),
-                    response: None,
-                };
-                return record(
-                    row,
-                    disposition,
-                    Some(status),
-                    Some(error.code),
-                    Some(error.message),
-                    attempts,
-                );
-            }
-            Answer::RateLimited { retry_after } => {
+            Fate::SendAgain => {
                 // Not an attempt: the gate and the rate limiter now hold every sender back.
                 shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    retry_after_ms = retry_after.as_millis() as u64,
-                    "rate limited (429)"
-                );
-                attempts.push(log("rate_limited", Some(429), Some("rate_limited"), None));
+                if let Answer::RateLimited { retry_after } = answer {
+                    tracing::debug!(
+                        retry_after_ms = telemetry::ms(retry_after),
+                        "rate limited (429)"
+                    );
+                }
                 continue;
             }
             // Answers no row gets past (a rejected key; a redirect, i.e. a wrong base URL):
             // the row goes back untouched, and `run --once`, which cannot succeed so, stops.
-            Answer::AuthRejected { status, error } | Answer::Redirected { status, error } => {
-                let (flag, outcome) = if (300..400).contains(&status) {
-                    (&shared.stats.redirected, "redirected")
-                } else {
-                    (&shared.stats.auth_rejected, "auth_rejected")
+            Fate::Release => {
+                let flag = match answer {
+                    Answer::Redirected { .. } => &shared.stats.redirected,
+                    _ => &shared.stats.auth_rejected,
                 };
                 flag.store(true, Ordering::Relaxed);
-                attempts.push(log(outcome, Some(status), Some(&error.code), None));
                 if shared.mode.once {
                     shared.stop.cancel();
                 }
                 return release(row, attempts);
             }
-            Answer::Retry { status, error } => {
-                attempts.push(log(
-                    "retry",
-                    status,
-                    Some(&error.code),
-                    Some(error.message.clone()),
-                ));
-                let message = describe(&error);
-                // No answer (a timeout, a broken connection): the request may still be
-                // applied, so the customer gets a quiet period before anything newer (G2).
-                let hold = status.is_none().then_some(shared.settings.request_timeout);
-                if n as u32 >= shared.settings.max_attempts {
-                    shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error_code = "max_attempts_exceeded", last_error_code = %error.code, attempts = n, "giving up on row");
-                    return Record {
-                        hold,
-                        ..record(
-                            row,
-                            Disposition::Failed { counts: true },
-                            status,
-                            Some("max_attempts_exceeded".into()),
-                            Some(format!(
-                                "after {n} attempts, last error {}: {message}",
-                                error.code
-                            )),
-                            attempts,
-                        )
-                    };
-                }
+            Fate::Retry { up_to, hold } => {
                 shared.stats.retried.fetch_add(1, Ordering::Relaxed);
-                let delay = retry::backoff(
-                    n as u32,
-                    shared.settings.backoff_base,
-                    shared.settings.backoff_max,
+                let delay = retry::jitter(up_to);
+                let code = error.map(|e| e.code.clone());
+                tracing::debug!(
+                    error_code = code.as_deref(),
+                    attempt = n,
+                    delay_ms = telemetry::ms(delay),
+                    "retrying later"
                 );
-                tracing::debug!(error_code = %error.code, attempt = n, delay_ms = delay.as_millis() as u64, "retrying later");
+                let disposition = Disposition::Retry {
+                    delay,
+                    counts: true,
+                };
+                let message = error.map(describe);
+                return Record {
+                    hold,
+                    ..record(row, disposition, status, code, message, attempts)
+                };
+            }
+            Fate::Failed { gave_up, hold } => {
+                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let api_code = error.map_or("-", |e| e.code.as_str());
+                let message = error.map(describe).unwrap_or_default();
+                let (code, message) = if gave_up {
+                    let code = ErrorCode::MaxAttemptsExceeded;
+                    tracing::warn!(error_code = %code, last_error_code = api_code, attempts = n, "giving up on row");
+                    let message = format!("after {n} attempts, last error {api_code}: {message}");
+                    (code.to_string(), message)
+                } else {
+                    let param = error.and_then(|e| e.param.as_deref());
+                    tracing::warn!(
+                        http_status = status,
+                        error_code = api_code,
+                        param,
+                        "the API refused the row; marked failed"
+                    );
+                    (api_code.to_owned(), message)
+                };
+                let disposition = Disposition::Failed { counts: true };
                 return Record {
                     hold,
                     ..record(
                         row,
-                        Disposition::Retry {
-                            delay,
-                            counts: true,
-                        },
+                        disposition,
                         status,
-                        Some(error.code.clone()),
+                        Some(code),
                         Some(message),
                         attempts,
                     )
                 };
             }
-            Answer::Failed { status, error } => {
-                attempts.push(log(
-                    "failed",
-                    Some(status),
-                    Some(&error.code),
-                    Some(error.message.clone()),
-                ));
-                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(http_status = status, error_code = %error.code, param = error.param.as_deref(), "the API refused the row; marked failed");
-                let message = describe(&error);
-                return record(
-                    row,
-                    Disposition::Failed { counts: true },
-                    Some(status),
-                    Some(error.code),
-                    Some(message),
-                    attempts,
-                );
-            }
         }
+    }
+}
+
+/// The record of a row Imprint took, with Imprint's view of the customer where its answer
+/// could be read.
+fn synced(
+    shared: &Shared,
+    row: &OutboxRow,
+    request: &UpdateCustomerRequest,
+    answer: Answer,
+    attempts: Vec<AttemptLog>,
+) -> Record {
+    let status = answer.status();
+    if let Answer::Synced { status, customer } = answer {
+        tracing::debug!(http_status = status, "synced");
+        let sent = request.fields();
+        // The names of the fields Imprint returned otherwise than sent, compared as
+        // reconciliation compares them (never the values).
+        let drift = crate::reconcile::compare::drifted_fields(&sent, &customer);
+        let disposition = Disposition::Synced {
+            imprint_updated_at: customer.updated_at(),
+            statuses: customer.statuses.as_ref().map(json_text),
+            drift: (!drift.is_empty()).then(|| json_text(&drift)),
+            accepted: json_text(&sent),
+            response: Some(customer.into_stored(shared.settings.keep_sensitive)),
+        };
+        return record(row, disposition, Some(status), None, None, attempts);
+    }
+    // Accepted, so final; what Imprint now holds is unknown, so no state is kept (the
+    // previous one is stale) and the code says why.
+    let error = answer.error();
+    let code = error.map(|e| e.code.clone());
+    tracing::warn!(
+        http_status = status,
+        error_code = code.as_deref(),
+        "synced, but the answer could not be read"
+    );
+    let disposition = Disposition::Synced {
+        imprint_updated_at: None,
+        statuses: None,
+        drift: None,
+        // Imprint took the request, even if its answer cannot be read.
+        accepted: json_text(&request.fields()),
+        response: None,
+    };
+    let message = error.map(|e| e.message.clone());
+    record(row, disposition, status, code, message, attempts)
+}
+
+/// The attempt as `sync_attempts` keeps it: the code of the answer, and the message of a
+/// retryable or final failure.
+fn attempt_log(
+    answer: &Answer,
+    attempt: i32,
+    started_at: chrono::DateTime<chrono::Utc>,
+    duration: Duration,
+) -> AttemptLog {
+    let (code, message) = match answer {
+        Answer::Synced { .. } => (None, None),
+        Answer::RateLimited { .. } => (Some(ErrorCode::RateLimited.to_string()), None),
+        Answer::Accepted { error, .. }
+        | Answer::AuthRejected { error, .. }
+        | Answer::Redirected { error, .. } => (Some(error.code.clone()), None),
+        Answer::Retry { error, .. } | Answer::Failed { error, .. } => {
+            (Some(error.code.clone()), Some(error.message.clone()))
+        }
+    };
+    AttemptLog {
+        attempt,
+        started_at,
+        duration,
+        http_status: answer.status(),
+        outcome: fate::logged_as(answer),
+        error_code: code,
+        error: message,
     }
 }
 
@@ -294,31 +312,33 @@ fn describe(error: &crate::imprint::error::ApiError) -> String {
 }
 
 fn observe(answer: &Answer, duration: Duration) {
-    metrics::counter!("imprint_sync_http_requests_total", "status" => class(answer)).increment(1);
+    class(answer).count(1);
     metrics::histogram!("imprint_sync_http_request_duration_seconds")
         .record(duration.as_secs_f64());
 }
 
 /// The `status` label of an answer. A body that timed out or broke after its status line is
 /// a transport failure whatever the status said (a 200 cut short is no 4xx).
-fn class(answer: &Answer) -> &'static str {
+fn class(answer: &Answer) -> HttpClass {
     match answer {
-        Answer::Synced { .. } | Answer::Accepted { .. } => "2xx",
-        Answer::Redirected { .. } => "3xx",
-        Answer::RateLimited { .. } => "429",
-        Answer::Retry { error, .. } if error.code == "timeout" => "timeout",
+        Answer::Synced { .. } | Answer::Accepted { .. } => HttpClass::Success,
+        Answer::Redirected { .. } => HttpClass::Redirect,
+        Answer::RateLimited { .. } => HttpClass::RateLimited,
+        Answer::Retry { error, .. } if error.code == TransportKind::Timeout.code() => {
+            HttpClass::Timeout
+        }
         Answer::Retry {
             status: Some(s), ..
-        } if *s >= 500 => "5xx",
+        } if *s >= 500 => HttpClass::ServerError,
         Answer::Retry {
             status: Some(s), ..
-        } if *s >= 400 => "4xx",
-        Answer::Retry { .. } => "error",
+        } if *s >= 400 => HttpClass::ClientError,
+        Answer::Retry { .. } => HttpClass::Error,
         Answer::Failed { status, .. } | Answer::AuthRejected { status, .. } => {
             if *status >= 500 {
-                "5xx"
+                HttpClass::ServerError
             } else {
-                "4xx"
+                HttpClass::ClientError
             }
         }
     }
@@ -370,7 +390,7 @@ mod tests {
             (retry(None, "connection_error"), "error"),
         ];
         for (answer, want) in table {
-            assert_eq!(class(&answer), want, "{answer:?}");
+            assert_eq!(class(&answer).as_str(), want, "{answer:?}");
         }
     }
 }

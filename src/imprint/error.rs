@@ -44,6 +44,33 @@ pub enum Answer {
     Redirected { status: u16, error: ApiError },
 }
 
+impl Answer {
+    /// The HTTP status the answer came with (`None`: no answer at all).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Synced { status, .. }
+            | Self::Accepted { status, .. }
+            | Self::Failed { status, .. }
+            | Self::AuthRejected { status, .. }
+            | Self::Redirected { status, .. } => Some(*status),
+            Self::RateLimited { .. } => Some(429),
+            Self::Retry { status, .. } => *status,
+        }
+    }
+
+    /// The error the answer carries: every answer but a readable 2xx and a 429.
+    pub fn error(&self) -> Option<&ApiError> {
+        match self {
+            Self::Synced { .. } | Self::RateLimited { .. } => None,
+            Self::Accepted { error, .. }
+            | Self::Retry { error, .. }
+            | Self::Failed { error, .. }
+            | Self::AuthRejected { error, .. }
+            | Self::Redirected { error, .. } => Some(error),
+        }
+    }
+}
+
 /// An error of the API (or of the transport), read from any documented body shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -94,14 +121,21 @@ pub struct TransportError {
     pub message: String,
 }
 
+impl TransportKind {
+    /// The error code of a request that ended so.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connect => "connection_error",
+            Self::Broken => "connection_broken",
+            Self::Oversized => "oversized_response",
+        }
+    }
+}
+
 impl TransportError {
     fn code(&self) -> &'static str {
-        match self.kind {
-            TransportKind::Timeout => "timeout",
-            TransportKind::Connect => "connection_error",
-            TransportKind::Broken => "connection_broken",
-            TransportKind::Oversized => "oversized_response",
-        }
+        self.kind.code()
     }
 }
 

@@ -29,6 +29,7 @@ use sqlx::{PgPool, Postgres, Row};
 use tokio::time::Instant;
 
 use super::model::{Defect, OutboxRow};
+use super::outcome::ErrorCode;
 use super::store::Store;
 use crate::profile::limits;
 
@@ -191,10 +192,11 @@ SET next_attempt_at = COALESCE(d.until, now() + $3 * interval '1 millisecond')
 FROM unnest($1::bigint[], $2::timestamptz[]) AS d(id, until)
 WHERE o.id = d.id";
 
-/// Rows whose customer id is too long to read fail at once (the mapping would refuse it).
+/// Rows whose customer id is too long to read fail at once (the mapping would refuse it):
+/// `$3` is [`ErrorCode::InvalidProfile`].
 const BAD_ID_SQL: &str = "
 UPDATE imprint_sync.customer_outbox
-SET sync_status = 'failed', last_error_code = 'invalid_profile',
+SET sync_status = 'failed', last_error_code = $3,
     last_error = format('outbox row %s: customer_id: is longer than %s characters', id, $2::int),
     updated_at = now()
 WHERE id = ANY($1) AND sync_status = 'pending'";
@@ -209,6 +211,8 @@ fn number(json: &str) -> String {
 }
 
 /// Statement 4, built once from [`COLUMNS`]: merge per column, supersede, claim, move marks.
+/// Binds: the customers, the lease (ms), the worker, `sync.max_claims`, and
+/// [`ErrorCode::PoisonRow`].
 fn merge_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
@@ -345,7 +349,7 @@ carried AS (
         lease_expires_at = CASE WHEN p.fate = 'claim'
                                 THEN now() + $2 * interval '1 millisecond' END,
         leased_by = CASE WHEN p.fate = 'claim' THEN $3 END,
-        last_error_code = CASE WHEN p.fate = 'poison' THEN 'poison_row' ELSE o.last_error_code END,
+        last_error_code = CASE WHEN p.fate = 'poison' THEN $5::text ELSE o.last_error_code END,
         last_error = CASE WHEN p.fate = 'poison'
             THEN format('outbox row %s: claimed %s times without an outcome (the process died or lost the lease while working it); set aside', o.id, p.claims)
             ELSE o.last_error END,
@@ -441,7 +445,7 @@ pub(super) async fn claim(
     )
     .execute(&mut *tx.tx)
     .await?;
-    let limit_n = limit as usize;
+    let limit_n = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut claim = Claim::default();
 
     // 1. Scan due rows a page at a time; 2. gate each page's new customers; until the batch
@@ -515,14 +519,16 @@ pub(super) async fn claim(
                 take.push(cand.customer_id);
             }
         }
-        if (rows.len() as i64) < page || take.len() >= limit_n {
+        if rows.len() < limit_n || take.len() >= limit_n {
             break;
         }
     }
     if !bad_ids.is_empty() {
         let ids = bad_ids.clone();
         tx.fetch(BAD_ID_SQL, move |q| {
-            q.bind(ids.clone()).bind(limits::CUSTOMER_ID_MAX as i32)
+            q.bind(ids.clone())
+                .bind(i32::try_from(limits::CUSTOMER_ID_MAX).unwrap_or(i32::MAX))
+                .bind(ErrorCode::InvalidProfile.as_str())
         })
         .await?;
         claim.failed = bad_ids.into_iter().map(|id| (id, String::new())).collect();
@@ -550,6 +556,7 @@ pub(super) async fn claim(
                 .bind(lease_ms)
                 .bind(worker.clone())
                 .bind(i32::try_from(max_claims).unwrap_or(i32::MAX))
+                .bind(ErrorCode::PoisonRow.as_str())
         })
         .await?
     };
@@ -557,7 +564,7 @@ pub(super) async fn claim(
 
     let mut lease_left = lease;
     if let Some(r) = rows.first() {
-        claim.superseded = r.try_get::<i64, _>("older")? as u64;
+        claim.superseded = u64::try_from(r.try_get::<i64, _>("older")?).unwrap_or(0);
     }
     for r in &rows {
         match r.try_get::<&str, _>("sync_status")? {
@@ -690,7 +697,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         let total = match rows.first() {
-            Some(r) => r.try_get::<i64, _>("due_total")? as u64,
+            Some(r) => u64::try_from(r.try_get::<i64, _>("due_total")?).unwrap_or(0),
             None => 0,
         };
         let rows = rows.iter().map(decode).collect::<sqlx::Result<_>>()?;

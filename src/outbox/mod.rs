@@ -4,6 +4,7 @@ pub mod claim;
 pub mod dead_letters;
 pub mod history;
 pub mod model;
+pub mod outcome;
 pub mod plan;
 pub mod reconcile;
 pub mod record;

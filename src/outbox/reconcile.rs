@@ -280,13 +280,18 @@ impl ReconcileStore {
         .fetch_one(&self.pool)
         .await?;
         if estimate >= 1_000_000.0 {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a positive estimate; float-to-int `as` saturates, and the fraction means nothing"
+            )]
             return Ok(estimate as u64);
         }
         let exact: i64 =
             sqlx::query_scalar("SELECT count(*) FROM imprint_sync.customer_sync_state")
                 .fetch_one(&self.pool)
                 .await?;
-        Ok(exact.max(0) as u64)
+        Ok(u64::try_from(exact).unwrap_or(0))
     }
 
     /// Keeps the summary of a `reconcile` run.

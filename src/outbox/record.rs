@@ -56,7 +56,7 @@ pub struct AttemptLog {
     pub started_at: DateTime<Utc>,
     pub duration: Duration,
     pub http_status: Option<u16>,
-    pub outcome: &'static str,
+    pub outcome: super::outcome::AttemptOutcome,
     pub error_code: Option<String>,
     pub error: Option<String>,
 }
@@ -234,7 +234,7 @@ impl<'a> Columns<'a> {
                 c.log_duration_ms
                     .push(i32::try_from(a.duration.as_millis()).unwrap_or(i32::MAX));
                 c.log_http_status.push(a.http_status.map(i32::from));
-                c.log_outcome.push(a.outcome);
+                c.log_outcome.push(a.outcome.as_str());
                 c.log_error_code.push(a.error_code.as_deref());
                 c.log_error.push(a.error.as_deref());
             }

@@ -39,7 +39,7 @@ impl Store {
         .bind(REPLICA_TTL_SECONDS)
         .fetch_one(&self.pool)
         .await?;
-        Ok(live.clamp(1, i64::from(u32::MAX)) as u32)
+        Ok(u32::try_from(live.max(1)).unwrap_or(u32::MAX))
     }
 
     /// Tells the other replicas that this one joined: they count the live replicas again.

@@ -119,7 +119,7 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(Remaining {
-            in_flight: row.try_get::<i64, _>("in_flight")? as u64,
+            in_flight: u64::try_from(row.try_get::<i64, _>("in_flight")?).unwrap_or(0),
             next_due_in: row
                 .try_get::<Option<f64>, _>("next_due_in")?
                 // Not GREATEST(0, …) in SQL: it ignores NULL, and NULL means "none pending".

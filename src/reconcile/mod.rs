@@ -93,6 +93,11 @@ pub struct Reader {
 impl Reader {
     pub fn new(settings: &Settings, client: Client, traffic: Arc<Traffic>) -> Self {
         let share = settings.reconcile.max_share;
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "between 1 and `rate_limit.burst` (a share is at most 1)"
+        )]
         let burst = (f64::from(settings.rate_limit.burst) * share)
             .ceil()
             .max(1.0) as u32;

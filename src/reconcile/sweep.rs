@@ -76,8 +76,14 @@ impl Pace {
             self.owed = cap * MAX_OWED_TICKS;
         }
         let n = self.owed.floor().min(cap.ceil());
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a whole number of customers, at most one tick's reads; float-to-int `as` saturates"
+        )]
+        let customers = n as u32;
         self.owed -= n;
-        n as u32
+        customers
     }
 }
 
@@ -125,10 +131,8 @@ async fn run(
         }
         let elapsed = last.elapsed();
         last = Instant::now();
-        let replicas = health
-            .replicas
-            .load(Ordering::Relaxed)
-            .clamp(1, u64::from(u32::MAX)) as u32;
+        let replicas =
+            u32::try_from(health.replicas.load(Ordering::Relaxed).max(1)).unwrap_or(u32::MAX);
         reconciler.reader.set_replicas(replicas);
         // While the gate holds every request back, taking customers would only hold them; when
         // it lets a probe through, one customer is taken (the engine may have no row to probe

@@ -268,7 +268,13 @@ impl Live {
         faults.check().map_err(anyhow::Error::msg)?;
         let limiter = faults.rate_limit.and_then(|rps| {
             // One second's worth of burst, at least one request.
-            let burst = NonZeroU32::new(rps.ceil().min(f64::from(u32::MAX)) as u32)?;
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "clamped to u32; float-to-int `as` saturates (a rate of 0 or less gives 0: no limiter)"
+            )]
+            let burst = rps.ceil().min(f64::from(u32::MAX)) as u32;
+            let burst = NonZeroU32::new(burst)?;
             let period = Duration::try_from_secs_f64(1.0 / rps).ok()?;
             let quota = Quota::with_period(period.max(Duration::from_nanos(1)))?;
             Some(RateLimiter::direct(quota.allow_burst(burst)))
@@ -388,6 +394,11 @@ impl Shared {
             && let Err(not_until) = limiter.check()
         {
             let wait = not_until.wait_time_from(limiter.clock().now());
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "whole seconds, at least 1; float-to-int `as` saturates"
+            )]
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             let mut response = error(
                 StatusCode::TOO_MANY_REQUESTS,

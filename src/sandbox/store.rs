@@ -71,7 +71,8 @@ impl Store {
     }
 
     fn shard(&self, id: &str) -> MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one(id) % SHARDS as u64) as usize;
+        let i = usize::try_from(self.hasher.hash_one(id) % SHARDS as u64)
+            .expect("a remainder of SHARDS fits in usize");
         // A panic while holding a shard leaves plain data behind: keep serving it.
         self.shards[i]
             .lock()

@@ -205,7 +205,7 @@ impl Gate {
                 g.reopen_at = now + g.cooldown;
                 tracing::warn!(
                     consecutive_failures = g.consecutive_failures,
-                    cooldown_ms = g.cooldown.as_millis() as u64,
+                    cooldown_ms = crate::telemetry::ms(g.cooldown),
                     "the API keeps failing; circuit open, sending paused"
                 );
             }

@@ -131,6 +131,11 @@ impl AdaptiveRate {
     fn rebuild(&self, s: &mut State) {
         let replicas = f64::from(s.replicas);
         let rate = self.configured / replicas * s.factor;
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "at most the configured burst (replicas is at least 1)"
+        )]
         let burst = (f64::from(self.burst) / replicas).ceil() as u32;
         if (rate - s.rate).abs() > f64::EPSILON {
             s.limiter = limiter(rate, burst, s.clock);

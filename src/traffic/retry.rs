@@ -3,11 +3,20 @@
 use std::time::Duration;
 
 /// Delay before the next try after `attempts` retryable failures (1 for the first):
-/// uniform in `[0, min(max, base * 2^(attempts-1))]` ("full jitter").
+/// uniform in `[0, ceiling(attempts, base, max)]` ("full jitter").
 pub fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration {
+    jitter(ceiling(attempts, base, max))
+}
+
+/// The longest delay after `attempts` retryable failures: `min(max, base * 2^(attempts-1))`.
+pub fn ceiling(attempts: u32, base: Duration, max: Duration) -> Duration {
     let exp = attempts.saturating_sub(1).min(30);
-    let ceiling = base.saturating_mul(1u32 << exp).min(max);
-    let ms = ceiling.as_millis() as u64;
+    base.saturating_mul(1u32 << exp).min(max)
+}
+
+/// A delay drawn uniformly in `[0, ceiling]`, to the millisecond.
+pub fn jitter(ceiling: Duration) -> Duration {
+    let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(if ms == 0 {
         0
     } else {

@@ -4,6 +4,7 @@
 use crate::common;
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::time::Duration;
 
 use common::{
@@ -11,6 +12,8 @@ use common::{
     sandbox, version_of,
 };
 use imprint_sync::sandbox::{Faults, SandboxHandle};
+use rustix::fs::inotify;
+use rustix::process::{Pid, Signal, kill_process};
 use serde_json::json;
 
 fn latency(ms: u64) -> Faults {
@@ -358,22 +361,24 @@ async fn sigterm_while_starting_exits_75() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("imprint-sync.toml");
     std::fs::write(&config, "[sync]\nbatch_size = 100\n").expect("writing the config");
-    let path = std::ffi::CString::new(config.to_str().expect("utf-8 path")).unwrap();
-    // SAFETY: plain syscalls on a descriptor this test owns.
-    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-    assert!(fd >= 0, "inotify_init1");
-    assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_OPEN) } >= 0);
+    let watch = inotify::init(inotify::CreateFlags::CLOEXEC).expect("inotify_init1");
+    inotify::add_watch(&watch, config.as_path(), inotify::WatchFlags::OPEN)
+        .expect("inotify_add_watch");
     let mut daemon = Daemon::start(
         &["--config", config.to_str().unwrap(), "run", "--once"],
         &env(&db, &sandbox, &[]),
     );
-    let pid = daemon.pid() as libc::pid_t;
+    let pid = i32::try_from(daemon.pid())
+        .ok()
+        .and_then(Pid::from_raw)
+        .expect("a pid");
     // Blocks until the daemon opens its configuration; then the signal goes at once.
     let mut event = [0u8; 4096];
-    let n = unsafe { libc::read(fd, event.as_mut_ptr().cast(), event.len()) };
+    let n = std::fs::File::from(watch)
+        .read(&mut event)
+        .expect("reading the inotify event");
     assert!(n > 0, "reading the inotify event");
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    unsafe { libc::close(fd) };
+    kill_process(pid, Signal::TERM).expect("kill -TERM");
 
     let code = daemon.exit_code(30).await;
     assert!(code == 75 || code == 0, "exit {code}: {}", daemon.stderr());
@@ -488,30 +493,16 @@ async fn a_64_mb_answer_is_never_held_in_memory() {
     let ids = insert(&db.pool, &[profile(&customer, 1)]).await;
     let env = env_with(&db.url, &api, &[("SYNC__MAX_ATTEMPTS", "1")]);
 
-    #[expect(
-        clippy::zombie_processes,
-        reason = "reaped by wait4 below, which also reports its peak memory"
-    )]
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_imprint-sync"))
-        .args(["run", "--once"])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting imprint-sync");
-    let pid = child.id() as libc::pid_t;
-    // wait4 reports the peak resident set of this one child (ru_maxrss, KiB).
-    let (code, peak_kib) = tokio::task::spawn_blocking(move || {
-        let mut status = 0;
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: `pid` is our child, not yet reaped; both pointers are to live locals.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        assert_eq!(r, pid, "wait4");
-        (libc::WEXITSTATUS(status), usage.ru_maxrss)
+    let mut daemon = Daemon::start(&["run"], &env);
+    eventually(60, "the row is synced", || async {
+        row(&db.pool, ids[0]).await.sync_status == "synced"
     })
-    .await
-    .unwrap();
+    .await;
+    // The peak so far, the answer's reading included (the row is synced once it is read),
+    // read while the process lives: a reaped one has no /proc entry.
+    let peak_kib = peak_rss_kib(daemon.pid());
+    daemon.signal("TERM");
+    let code = daemon.exit_code(30).await;
     let _ = server.await;
 
     eprintln!("a 64 MB answer: exit {code}, peak RSS {peak_kib} KiB");
@@ -524,6 +515,16 @@ async fn a_64_mb_answer_is_never_held_in_memory() {
         "{r:?}"
     );
     assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+/// The peak resident set of a live process so far (`VmHWM`, KiB).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
 }
 
 /// G8 against a hostile API: an error body that echoes the API key (read from a key file
@@ -549,8 +550,8 @@ async fn an_api_echoing_the_key_or_a_value_leaks_neither() {
     std::fs::write(key_file.path(), format!("{API_KEY}\n")).unwrap();
     let key_path = key_file.path().to_str().unwrap();
     let api = url::Url::parse(&server.uri()).unwrap();
-    for (n, format) in ["json", "pretty"].into_iter().enumerate() {
-        let mut p = profile(&customer_id(33, n as u32), 1);
+    for (n, format) in (0..).zip(["json", "pretty"]) {
+        let mut p = profile(&customer_id(33, n), 1);
         p["last_name"] = json!(surname);
         let ids = insert(&db.pool, &[p]).await;
         let mut env = env_with(

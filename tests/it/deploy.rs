@@ -463,13 +463,13 @@ fn deployment_runs_two_hardened_probed_replicas() {
         .require(Needs::ApiKey)
         .expect("the pod's configuration has an API key");
     assert_eq!(settings.admin.listen, "0.0.0.0:9187");
-    let grace_s = at(pod, "terminationGracePeriodSeconds").as_i64().unwrap();
+    let grace_s = at(pod, "terminationGracePeriodSeconds").as_u64().unwrap();
     assert!(
         grace_s > 10,
         "terminationGracePeriodSeconds {grace_s} must exceed 10"
     );
     assert!(
-        (grace_s as u64) * 1000 > settings.sync.shutdown_grace_ms + 5_000,
+        grace_s * 1000 > settings.sync.shutdown_grace_ms + 5_000,
         "terminationGracePeriodSeconds ({grace_s}s) must exceed sync.shutdown_grace_ms ({} ms) with room to spare",
         settings.sync.shutdown_grace_ms
     );

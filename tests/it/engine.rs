@@ -178,11 +178,11 @@ async fn a_bad_field_fails_its_row_and_the_line_goes_on() {
         ("../x".into(), "customer_id", json!("../x"), "customer_id"),
     ];
     let mut seeded = vec![profile(&customer_id(8, 0), 1)];
-    for (i, (c, column, value, _)) in cases.iter().enumerate() {
+    for (n, (c, column, value, _)) in (1..).zip(&cases) {
         let mut bad = profile(c, 1);
         bad[*column] = value.clone();
         seeded.push(bad);
-        seeded.push(profile(&customer_id(8, i as u32 + 1), 1));
+        seeded.push(profile(&customer_id(8, n), 1));
     }
     let ids = insert(&db.pool, &seeded).await;
 
@@ -213,12 +213,12 @@ fn customer_body(id: &str) -> Value {
 /// Answers `responses` in order for `customer`, then a customer object for ever.
 async fn answer(server: &MockServer, customer: &str, responses: Vec<ResponseTemplate>) {
     let route = format!("/v2/customers/{customer}");
-    for (i, r) in responses.into_iter().enumerate() {
+    for (priority, r) in (1..).zip(responses) {
         Mock::given(method("POST"))
             .and(path(route.clone()))
             .respond_with(r)
             .up_to_n_times(1)
-            .with_priority(i as u8 + 1)
+            .with_priority(priority)
             .mount(server)
             .await;
     }

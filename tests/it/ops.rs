@@ -37,7 +37,7 @@ const METRICS: [(&str, &str); 12] = [
 
 /// The documented label values of the two counters.
 const ROW_OUTCOMES: [&str; 5] = ["synced", "failed", "superseded", "retried", "invalid"];
-const HTTP_CLASSES: [&str; 6] = ["2xx", "4xx", "5xx", "429", "timeout", "error"];
+const HTTP_CLASSES: [&str; 7] = ["2xx", "3xx", "4xx", "5xx", "429", "timeout", "error"];
 
 /// GET on the admin server: status and body.
 async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
