@@ -7,7 +7,7 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::Receiver;
 
 use super::Shared;
-use super::shutdown::Backoff;
+use super::backoff::Backoff;
 use super::worker::Done;
 use crate::outbox::record::{Disposition, Record};
 use crate::profile::LogId;

@@ -153,7 +153,7 @@ async fn send(
                 let sent = request.fields();
                 // The names of the fields Imprint returned otherwise than sent, compared as
                 // reconciliation compares them (never the values).
-                let drift = crate::reconcile::compare::drifted_fields(&sent, &customer);
+                let drift = crate::profile::compare::drifted_fields(&sent, &customer);
                 let disposition = Disposition::Synced {
                     imprint_updated_at: customer.updated_at(),
                     statuses: customer.statuses.as_ref().map(json_text),
