@@ -1,32 +1,12 @@
-//! The commands: configuration, exit codes, and dispatch into the library.
+//! The commands: configuration, and dispatch into the library.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use crate::config::{ConfigError, LogFormat, LogSettings, Needs, Settings};
-use crate::{db, sandbox, telemetry};
-
-/// Exit codes (sysexits where one fits).
-pub mod exit {
-    /// Done, and no row failed.
-    pub const OK: u8 = 0;
-    /// `run --once`: at least one row ended failed in this run.
-    pub const ROWS_FAILED: u8 = 1;
-    /// `run --once`: the API key was rejected (401/403), or the API redirected (3xx: a wrong
-    /// `api.base_url`); or a command not built yet.
-    pub const AUTH_OR_UNAVAILABLE: u8 = 2;
-    /// Bad configuration or a bad command line (EX_USAGE); the message names the key or flag.
-    pub const CONFIG: u8 = 64;
-    /// Alias of [`CONFIG`] for command-line usage errors: the same sysexits code.
-    pub const USAGE: u8 = CONFIG;
-    /// Any other error (EX_SOFTWARE); the message says what was being done.
-    pub const ERROR: u8 = 70;
-    /// `run --once` was stopped (SIGTERM/SIGINT) before the outbox was drained
-    /// (EX_TEMPFAIL): run it again.
-    pub const TEMPFAIL: u8 = 75;
-    // 130: a second SIGTERM/SIGINT while stopping exits at once (engine::shutdown::install).
-}
+use crate::config::{ConfigError, Needs, Settings};
+use crate::telemetry::{LogFormat, LogSettings};
+use crate::{db, exit, sandbox, telemetry};
 
 /// Runs the command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
@@ -45,7 +25,7 @@ pub fn main(cli: Cli) -> ExitCode {
         // First thing: a SIGTERM while the configuration loads stops the run like one at any
         // later moment (exit 75 from `run --once`), instead of killing the process.
         let _entered = runtime.enter();
-        crate::engine::shutdown::install();
+        crate::signals::install();
     }
     if let Command::Run(args) = &command
         && args.stray_filter()
@@ -82,7 +62,7 @@ pub fn main(cli: Cli) -> ExitCode {
             level: "info".into(),
         });
         return block_on(runtime, async move {
-            sandbox::serve(args).await.map(|()| exit::OK)
+            sandbox::serve(args.into()).await.map(|()| exit::OK)
         });
     }
     let needs = match &command {

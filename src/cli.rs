@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::outbox::dead_letters::Binds;
+use crate::sandbox;
+
 /// Keeps Imprint's copy of a partner's customers in step with the partner's outbox.
 #[derive(Debug, Parser)]
 #[command(name = "imprint-sync", version, about, propagate_version = true)]
@@ -75,6 +78,17 @@ impl FailedFilter {
     /// True when no filter is given.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The filter as the outbox binds it, with these outbox ids (none: any id).
+    pub fn binds(&self, ids: &[i64]) -> Binds {
+        let some = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        Binds {
+            codes: some(&self.codes),
+            customers: some(&self.customers),
+            since_seconds: self.since.map(|d| d.as_secs_f64()),
+            ids: (!ids.is_empty()).then(|| ids.to_vec()),
+        }
     }
 }
 
@@ -215,6 +229,21 @@ pub struct SandboxArgs {
     pub rate_limit: Option<f64>,
 }
 
+impl From<SandboxArgs> for sandbox::Options {
+    fn from(args: SandboxArgs) -> Self {
+        Self {
+            listen: args.listen,
+            api_key: args.api_key,
+            faults: sandbox::Faults {
+                latency_ms: args.latency_ms,
+                fail_rate: args.fail_rate,
+                rate_limit: args.rate_limit,
+                ..sandbox::Faults::default()
+            },
+        }
+    }
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct DemoArgs {
     /// Profile changes to seed.
@@ -243,7 +272,7 @@ pub fn parse() -> Result<Cli, std::process::ExitCode> {
     Cli::try_parse().map_err(|e| {
         let _ = e.print();
         if e.use_stderr() {
-            std::process::ExitCode::from(crate::app::exit::USAGE)
+            std::process::ExitCode::from(crate::exit::USAGE)
         } else {
             std::process::ExitCode::SUCCESS
         }

@@ -2,11 +2,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use url::Url;
+
+use crate::imprint::{Client, ClientSettings};
+use crate::telemetry::LogSettings;
+use crate::traffic::{Traffic, TrafficSettings};
 
 /// The shipped defaults file, also the built-in defaults (a test keeps them equal).
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -80,15 +85,10 @@ pub struct SyncSettings {
     pub max_attempts: u32,
     /// Claims of a row that never came back (the process died or lost the lease) before it
     /// is set aside as `failed` / `poison_row`.
-    #[serde(default = "default_max_claims")]
     pub max_claims: u32,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
     pub shutdown_grace_ms: u64,
-}
-
-fn default_max_claims() -> u32 {
-    crate::outbox::store::DEFAULT_MAX_CLAIMS
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -110,20 +110,6 @@ pub struct RetentionSettings {
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     pub listen: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Json,
-    Pretty,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    pub level: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -298,7 +284,7 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.base_url()?;
         self.admin_listen()?;
-        crate::db::check_url(&self.database.url)?;
+        check_database_url(&self.database.url)?;
         self.within_bounds()?;
         let positive: [(&str, u64); 14] = [
             (
@@ -523,8 +509,31 @@ impl Settings {
         })
     }
 
-    pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.api.timeout_ms)
+    /// The Imprint client, as configured (the key must be present).
+    pub fn client(&self) -> Result<Client, ConfigError> {
+        let key = self
+            .api
+            .key
+            .clone()
+            .ok_or_else(|| ConfigError::new("api.key", "is required to send requests"))?;
+        Client::new(ClientSettings {
+            base_url: self.base_url()?,
+            key,
+            merchant_key: self.api.merchant_key.clone(),
+            timeout: Duration::from_millis(self.api.timeout_ms),
+            connect_timeout: Duration::from_millis(self.api.connect_timeout_ms),
+            pool_size: self.sync.concurrency as usize,
+            max_retry_after: Duration::from_millis(self.rate_limit.max_retry_after_ms),
+        })
+        .map_err(|e| ConfigError::new(e.key, e.message))
+    }
+
+    /// Traffic control at the configured rate.
+    pub fn traffic(&self) -> Arc<Traffic> {
+        Traffic::new(TrafficSettings {
+            requests_per_second: self.rate_limit.requests_per_second,
+            burst: self.rate_limit.burst,
+        })
     }
 
     /// The effective configuration as TOML, secrets redacted.
@@ -629,6 +638,107 @@ fn check_log_level(level: &str) -> Result<(), ConfigError> {
     tracing_subscriber::EnvFilter::try_new(level)
         .map(|_| ())
         .map_err(|e| ConfigError::new("log.level", format!("not a log filter: {e}")))
+}
+
+/// The key of the database URL, as messages name it.
+pub(crate) const DB_URL_KEY: &str = "database.url";
+
+/// Parameters of `database.url` that name a file read at connect time: a missing one is a
+/// configuration error at start, not a failed connection retried forever.
+pub(crate) const DB_URL_FILE_PARAMS: [&str; 7] = [
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+];
+
+/// The other query parameters of `database.url` that sqlx understands. sqlx ignores any
+/// other one (and logs it with its value), so a misspelt `sslmode` would silently mean
+/// plaintext: refused.
+const DB_URL_PARAMS: [&str; 11] = [
+    "sslmode",
+    "ssl-mode",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Checks `database.url` the way the connection will read it: a URL, a PostgreSQL scheme,
+/// only parameters sqlx understands (a bad `sslmode` included). Messages name the parameter,
+/// never its value. The certificate files it names are checked when connecting (`db`).
+fn check_database_url(url: &str) -> Result<(), ConfigError> {
+    let parsed = url::Url::parse(url)
+        .map_err(|e| ConfigError::new(DB_URL_KEY, format!("not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(ConfigError::new(
+            DB_URL_KEY,
+            format!("scheme `{}` is not postgres or postgresql", parsed.scheme()),
+        ));
+    }
+    // libpq's host lists (`h1,h2:5432`) are not something sqlx reads: it looked the whole
+    // list up as one name, failing every connection as if DNS were down (retried for ever).
+    let host_list = parsed.host_str().is_some_and(|h| h.contains(','))
+        || parsed
+            .query_pairs()
+            .any(|(k, v)| matches!(&*k, "host" | "hostaddr" | "port") && v.contains(','));
+    if host_list {
+        return Err(ConfigError::new(
+            DB_URL_KEY,
+            "lists several hosts or ports; name one (a failover address or a pooler in front)",
+        ));
+    }
+    // The raw pairs, not `query_pairs()`: whether a pair has a `=` decides if its name may
+    // be shown.
+    for raw in parsed
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let raw_name = raw.split_once('=').map_or(raw, |(n, _)| n);
+        let name: String = url::form_urlencoded::parse(raw_name.as_bytes())
+            .map(|(k, _)| k.into_owned())
+            .collect();
+        let indexed_option = name.starts_with("options[") && name.ends_with(']');
+        if !(DB_URL_PARAMS.contains(&&*name)
+            || DB_URL_FILE_PARAMS.contains(&&*name)
+            || indexed_option)
+        {
+            return Err(ConfigError::new(
+                DB_URL_KEY,
+                format!(
+                    "unknown parameter {} (known: {}, {})",
+                    shown_param_name(&name, raw.contains('=')),
+                    DB_URL_PARAMS.join(", "),
+                    DB_URL_FILE_PARAMS.join(", ")
+                ),
+            ));
+        }
+    }
+    url.parse::<sqlx::postgres::PgConnectOptions>()
+        .map(|_| ())
+        .map_err(|e| ConfigError::new(DB_URL_KEY, e.to_string()))
+}
+
+/// The name of a parameter for an error message, or a note that it is not shown: a name
+/// without `=`, or one holding characters no parameter name has, may be a pasted value (a
+/// `password%3D…` decodes to `password=…`, a bare `?s3cr3t` is a name without a value).
+fn shown_param_name(name: &str, has_value: bool) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.[]".contains(c);
+    if has_value && !name.is_empty() && name.len() <= 40 && name.chars().all(plain) {
+        format!("`{name}`")
+    } else {
+        "(name not shown: it may hold a value; parameters are written name=value)".to_owned()
+    }
 }
 
 /// Variable names are matched without regard to case, so `IMPRINT_SYNC__SYNC__BATCH_SIZE`

@@ -6,41 +6,10 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
-use crate::config::{ConfigError, DatabaseSettings};
-
-const URL_KEY: &str = "database.url";
-
-/// Parameters of `database.url` that name a file read at connect time: a missing one is a
-/// configuration error at start, not a failed connection retried forever.
-const URL_FILE_PARAMS: [&str; 7] = [
-    "sslrootcert",
-    "ssl-root-cert",
-    "ssl-ca",
-    "sslcert",
-    "ssl-cert",
-    "sslkey",
-    "ssl-key",
-];
+use crate::config::{ConfigError, DB_URL_FILE_PARAMS, DB_URL_KEY, DatabaseSettings};
 
 /// Largest certificate or key file `database.url` may name (a CA bundle is a few hundred KB).
 const MAX_CERT_FILE_BYTES: u64 = 1024 * 1024;
-
-/// The other query parameters of `database.url` that sqlx understands. sqlx ignores any
-/// other one (and logs it with its value), so a misspelt `sslmode` would silently mean
-/// plaintext: refused.
-const URL_PARAMS: [&str; 11] = [
-    "sslmode",
-    "ssl-mode",
-    "statement-cache-capacity",
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
-    "user",
-    "password",
-    "application_name",
-    "options",
-];
 
 /// TCP keepalives the server applies to our connections (seconds, seconds, probes): a
 /// daemon that vanished without closing its sockets is noticed within about a minute.
@@ -80,71 +49,6 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// Checks `database.url` the way the connection will read it: a URL, a PostgreSQL scheme,
-/// only parameters sqlx understands (a bad `sslmode` included), and readable certificate
-/// files. Messages name the parameter, never its value.
-pub fn check_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
-    let parsed =
-        url::Url::parse(url).map_err(|e| ConfigError::new(URL_KEY, format!("not a URL: {e}")))?;
-    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-        return Err(ConfigError::new(
-            URL_KEY,
-            format!("scheme `{}` is not postgres or postgresql", parsed.scheme()),
-        ));
-    }
-    // libpq's host lists (`h1,h2:5432`) are not something sqlx reads: it looked the whole
-    // list up as one name, failing every connection as if DNS were down (retried for ever).
-    let host_list = parsed.host_str().is_some_and(|h| h.contains(','))
-        || parsed
-            .query_pairs()
-            .any(|(k, v)| matches!(&*k, "host" | "hostaddr" | "port") && v.contains(','));
-    if host_list {
-        return Err(ConfigError::new(
-            URL_KEY,
-            "lists several hosts or ports; name one (a failover address or a pooler in front)",
-        ));
-    }
-    // The raw pairs, not `query_pairs()`: whether a pair has a `=` decides if its name may
-    // be shown.
-    for raw in parsed
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let raw_name = raw.split_once('=').map_or(raw, |(n, _)| n);
-        let name: String = url::form_urlencoded::parse(raw_name.as_bytes())
-            .map(|(k, _)| k.into_owned())
-            .collect();
-        let indexed_option = name.starts_with("options[") && name.ends_with(']');
-        if !(URL_PARAMS.contains(&&*name) || URL_FILE_PARAMS.contains(&&*name) || indexed_option) {
-            return Err(ConfigError::new(
-                URL_KEY,
-                format!(
-                    "unknown parameter {} (known: {}, {})",
-                    shown_param_name(&name, raw.contains('=')),
-                    URL_PARAMS.join(", "),
-                    URL_FILE_PARAMS.join(", ")
-                ),
-            ));
-        }
-    }
-    url.parse()
-        .map_err(|e: sqlx::Error| ConfigError::new(URL_KEY, e.to_string()))
-}
-
-/// The name of a parameter for an error message, or a note that it is not shown: a name
-/// without `=`, or one holding characters no parameter name has, may be a pasted value (a
-/// `password%3D…` decodes to `password=…`, a bare `?s3cr3t` is a name without a value).
-fn shown_param_name(name: &str, has_value: bool) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.[]".contains(c);
-    if has_value && !name.is_empty() && name.len() <= 40 && name.chars().all(plain) {
-        format!("`{name}`")
-    } else {
-        "(name not shown: it may hold a value; parameters are written name=value)".to_owned()
-    }
-}
-
 /// The certificate files `database.url` names must be readable where the daemon runs: sqlx
 /// would report a missing one as an I/O error, which looks transient and is retried forever.
 /// Checked when connecting, not by `check-config`, which may run on another machine.
@@ -153,11 +57,11 @@ fn check_url_files(url: &str) -> Result<(), ConfigError> {
         return Ok(());
     };
     for (name, value) in parsed.query_pairs() {
-        if URL_FILE_PARAMS.contains(&&*name) {
+        if DB_URL_FILE_PARAMS.contains(&&*name) {
             // A directory passed File::open and then failed every connection as an I/O
             // error (retried for ever); /dev/zero was read until out of memory.
             crate::config::open_small_file(std::path::Path::new(&*value), MAX_CERT_FILE_BYTES)
-                .map_err(|why| ConfigError::new(URL_KEY, format!("{name}: {why}")))?;
+                .map_err(|why| ConfigError::new(DB_URL_KEY, format!("{name}: {why}")))?;
         }
     }
     Ok(())
@@ -292,7 +196,7 @@ pub fn config_error(e: &anyhow::Error) -> Option<ConfigError> {
         .find_map(|e| {
             let tls = |why: &dyn std::fmt::Display| {
                 ConfigError::new(
-                    URL_KEY,
+                    DB_URL_KEY,
                     format!("TLS with the database failed: {why} (check sslmode and sslrootcert)"),
                 )
             };
@@ -304,7 +208,7 @@ pub fn config_error(e: &anyhow::Error) -> Option<ConfigError> {
                     .get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                     .map(|why| tls(why)),
-                sqlx::Error::Configuration(c) => Some(ConfigError::new(URL_KEY, c.to_string())),
+                sqlx::Error::Configuration(c) => Some(ConfigError::new(DB_URL_KEY, c.to_string())),
                 _ => None,
             }
         })

@@ -16,10 +16,9 @@ use crate::cli::DemoArgs;
 use crate::config::Settings;
 use crate::db::{self, ScratchDatabase};
 use crate::engine::{Engine, EngineSettings, RunMode, Summary};
-use crate::imprint::Client;
+use crate::imprint::{Client, ClientSettings};
 use crate::outbox::store::Store;
 use crate::sandbox::{self, Faults};
-use crate::traffic::Traffic;
 
 const DEMO_KEY: &str = "demo-key";
 /// The one customer the demo's sandbox answers 404 for.
@@ -89,19 +88,19 @@ async fn run_demo(
     demo_settings.sync.concurrency = 32;
     demo_settings.sync.backoff_base_ms = 20;
     demo_settings.sync.backoff_max_ms = 500;
-    let client = Client::new(
-        sandbox.base_url(),
-        &SecretString::from(DEMO_KEY),
-        None,
-        Duration::from_secs(5),
-        Duration::from_secs(2),
-        32,
-        Duration::from_secs(2),
-    )?;
+    let client = Client::new(ClientSettings {
+        base_url: sandbox.base_url(),
+        key: SecretString::from(DEMO_KEY),
+        merchant_key: None,
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        pool_size: 32,
+        max_retry_after: Duration::from_secs(2),
+    })?;
     let engine = Engine::with_mode(
         pool.clone(),
         client,
-        Traffic::new(&demo_settings),
+        demo_settings.traffic(),
         EngineSettings::from_settings(&demo_settings),
         format!("demo-{}", std::process::id()),
         RunMode { once: true },
@@ -119,7 +118,7 @@ async fn run_demo(
     print_summary(&store, &summary, &seeded, elapsed, &sandbox.stats()).await?;
     print_states(&pool).await?;
     pool.close().await;
-    Ok(crate::app::exit::OK)
+    Ok(crate::exit::OK)
 }
 
 struct Seeded {

@@ -15,7 +15,7 @@ const SCHEMA_HINT: &str = "is the schema migrated? run `imprint-sync migrate`";
 /// Prints the failed rows matching the filters.
 pub async fn failed(settings: &Settings, args: &FailedArgs) -> anyhow::Result<()> {
     let pool = db::connect_now(&settings.database).await?;
-    let found = dead_letters::list(&pool, &args.filter, args.limit)
+    let found = dead_letters::list(&pool, &args.filter.binds(&[]), args.limit)
         .await
         .with_context(|| format!("reading the failed rows ({SCHEMA_HINT})"))?;
     if args.json {

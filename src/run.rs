@@ -4,29 +4,28 @@ use anyhow::Context;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::exit;
 use crate::cli::RunArgs;
 use crate::config::Settings;
-use crate::engine::shutdown::{self, Backoff};
+use crate::engine::backoff::Backoff;
 use crate::engine::{Engine, EngineSettings, Health, RunMode, Summary};
-use crate::imprint::Client;
+use crate::exit;
 use crate::outbox::dead_letters::Binds;
 use crate::outbox::outcome::ErrorCode;
 use crate::outbox::store::Store;
-use crate::traffic::Traffic;
+use crate::signals;
 use crate::{db, profile};
 
 /// Runs the daemon with the given flags; returns the exit code.
 pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
     let pool = db::pool(&settings.database)?;
     let shutdown = CancellationToken::new();
-    shutdown::on_signals(shutdown.clone());
+    signals::on_signals(shutdown.clone());
     if !wait_for_schema(&pool, &shutdown).await? {
         return Ok(if args.once { exit::TEMPFAIL } else { exit::OK });
     }
     let worker_id = crate::engine::worker_id();
     let store = Store::new(pool.clone(), worker_id.clone());
-    let replay = Binds::new(&args.filter, &args.ids);
+    let replay = args.filter.binds(&args.ids);
     if args.dry_run && args.replay_failed {
         return replay_dry_run(&store, &replay).await;
     }
@@ -48,8 +47,8 @@ pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<u8> {
             "replayed failed rows"
         );
     }
-    let client = Client::from_settings(&settings)?;
-    let traffic = Traffic::new(&settings);
+    let client = settings.client()?;
+    let traffic = settings.traffic();
     let engine = Engine::with_mode(
         pool.clone(),
         client.clone(),

@@ -6,10 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 
-use crate::app::exit;
 use crate::cli::StatusArgs;
 use crate::config::Settings;
 use crate::db;
+use crate::exit;
 use crate::outbox::reconcile::ReconcileStore;
 use crate::outbox::report::StatusReport;
 use crate::outbox::store::Store;

@@ -6,6 +6,7 @@
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use serde::{Deserialize, Serialize};
 use tracing::Subscriber;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
@@ -15,7 +16,28 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{ConfigError, LogFormat, LogSettings};
+/// `[log]`: the format and level of the log lines.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// An exporter the variable that asked for it cannot have. Exits 64, like a bad key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration key `{var}`: cannot export traces: {message}")]
+pub struct ExporterError {
+    pub var: &'static str,
+    pub message: String,
+}
 
 /// The variables that turn the exporter on (the OpenTelemetry SDK's own names).
 const ENDPOINT_VARS: [&str; 2] = [
@@ -56,7 +78,7 @@ impl Drop for Traces {
 ///
 /// An endpoint the exporter cannot use is a configuration error naming the variable; the
 /// logs are installed all the same, so the caller can still report it.
-pub fn init(log: &LogSettings) -> Result<Traces, ConfigError> {
+pub fn init(log: &LogSettings) -> Result<Traces, ExporterError> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -96,7 +118,7 @@ pub fn init(log: &LogSettings) -> Result<Traces, ConfigError> {
 }
 
 /// The tracer provider, when an endpoint is configured.
-fn exporter() -> Result<Option<SdkTracerProvider>, ConfigError> {
+fn exporter() -> Result<Option<SdkTracerProvider>, ExporterError> {
     let Some(var) = ENDPOINT_VARS
         .into_iter()
         .find(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
@@ -108,7 +130,10 @@ fn exporter() -> Result<Option<SdkTracerProvider>, ConfigError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()
-        .map_err(|e| ConfigError::new(var, format!("cannot export traces: {e}")))?;
+        .map_err(|e| ExporterError {
+            var,
+            message: e.to_string(),
+        })?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name("imprint-sync");

@@ -14,8 +14,9 @@ use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::shutdown::Backoff;
-use super::{CHANNEL, Shared, WORKERS_CHANNEL};
+use super::Shared;
+use super::backoff::Backoff;
+use crate::outbox::{CHANNEL, WORKERS_CHANNEL};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(600);

@@ -5,10 +5,10 @@
 //! recorder that writes them back in batches. Rows move one way: outbox row -> profile
 //! mapping -> request -> client -> answer -> record.
 
+pub mod backoff;
 pub mod fate;
 mod maintenance;
 mod recorder;
-pub mod shutdown;
 mod worker;
 
 use std::sync::Arc;
@@ -22,18 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admin::RowOutcome;
 use crate::config::Settings;
 use crate::imprint::Client;
+use crate::labels::RowOutcome;
 use crate::outbox::outcome::ErrorCode;
 use crate::outbox::store::Store;
 use crate::telemetry;
 use crate::traffic::Traffic;
-
-/// The NOTIFY channel the outbox trigger signals.
-pub const CHANNEL: &str = "imprint_sync_outbox";
-/// The NOTIFY channel on which replicas announce that they joined or left.
-pub const WORKERS_CHANNEL: &str = "imprint_sync_workers";
 
 /// The engine's knobs, from `sync.*` and friends.
 #[derive(Debug, Clone)]
@@ -195,23 +190,6 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(
-        pool: PgPool,
-        client: Client,
-        traffic: Arc<Traffic>,
-        settings: EngineSettings,
-        worker_id: String,
-    ) -> Self {
-        Self::with_mode(
-            pool,
-            client,
-            traffic,
-            settings,
-            worker_id,
-            RunMode::default(),
-        )
-    }
-
     pub fn with_mode(
         pool: PgPool,
         client: Client,
@@ -235,10 +213,6 @@ impl Engine {
                 mode,
             }),
         }
-    }
-
-    pub fn stats(&self) -> Arc<RunStats> {
-        self.shared.stats.clone()
     }
 
     pub fn health(&self) -> Arc<Health> {
@@ -327,7 +301,7 @@ async fn claimer(
 ) {
     let s = &shared.settings;
     let capacity = window.available_permits();
-    let mut db_errors = shutdown::Backoff::new("claiming due rows");
+    let mut db_errors = backoff::Backoff::new("claiming due rows");
     loop {
         shared.health.tick();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

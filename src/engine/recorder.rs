@@ -7,9 +7,9 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::Receiver;
 
 use super::Shared;
-use super::shutdown::Backoff;
+use super::backoff::Backoff;
 use super::worker::Done;
-use crate::admin::RowOutcome;
+use crate::labels::RowOutcome;
 use crate::outbox::outcome::ErrorCode;
 use crate::outbox::record::{Disposition, Record};
 use crate::profile::LogId;

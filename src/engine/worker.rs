@@ -11,10 +11,10 @@ use tracing::Instrument;
 
 use super::Shared;
 use super::fate::{self, Fate, Policy};
-use crate::admin::HttpClass;
 use crate::imprint::UpdateCustomerRequest;
 use crate::imprint::error::{Answer, TransportKind};
 use crate::imprint::model::json_text;
+use crate::labels::HttpClass;
 use crate::outbox::model::OutboxRow;
 use crate::outbox::outcome::ErrorCode;
 use crate::outbox::record::{AttemptLog, Disposition, Record};
@@ -243,7 +243,7 @@ fn synced(
         let sent = request.fields();
         // The names of the fields Imprint returned otherwise than sent, compared as
         // reconciliation compares them (never the values).
-        let drift = crate::reconcile::compare::drifted_fields(&sent, &customer);
+        let drift = crate::profile::compare::drifted_fields(&sent, &customer);
         let disposition = Disposition::Synced {
             imprint_updated_at: customer.updated_at(),
             statuses: customer.statuses.as_ref().map(json_text),

@@ -11,7 +11,6 @@ use super::error::{
     Answer, BODY_MAX, Exchange, TransportError, TransportKind, classify, for_customer,
 };
 use super::model::UpdateCustomerRequest;
-use crate::config::{ConfigError, Settings};
 
 /// A client of Imprint's customer endpoints. Cheap to clone (one connection pool).
 #[derive(Clone)]
@@ -34,42 +33,58 @@ impl std::fmt::Debug for Client {
 /// The user agent: name and version.
 pub const USER_AGENT: &str = concat!("imprint-sync/", env!("CARGO_PKG_VERSION"));
 
-impl Client {
-    /// Builds the client from the configuration (which must hold a key).
-    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
-        let key = settings
-            .api
-            .key
-            .as_ref()
-            .ok_or_else(|| ConfigError::new("api.key", "is required to send requests"))?;
-        Self::new(
-            settings.base_url()?,
-            key,
-            settings.api.merchant_key.as_ref(),
-            Duration::from_millis(settings.api.timeout_ms),
-            Duration::from_millis(settings.api.connect_timeout_ms),
-            settings.sync.concurrency as usize,
-            Duration::from_millis(settings.rate_limit.max_retry_after_ms),
-        )
-    }
+/// What the client needs: where, with which keys, how long to wait, and how many
+/// connections to keep. `Settings::client` builds it from the configuration.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub base_url: Url,
+    pub key: SecretString,
+    pub merchant_key: Option<SecretString>,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Idle connections kept (one per request in flight at once).
+    pub pool_size: usize,
+    /// The longest `Retry-After` honoured; a longer one is capped.
+    pub max_retry_after: Duration,
+}
 
-    pub fn new(
-        base: Url,
-        key: &SecretString,
-        merchant_key: Option<&SecretString>,
-        timeout: Duration,
-        connect_timeout: Duration,
-        pool_size: usize,
-        max_retry_after: Duration,
-    ) -> Result<Self, ConfigError> {
+/// A client that cannot be built: the configuration key at fault, and why (never a value).
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ClientError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl ClientError {
+    fn new(key: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+impl Client {
+    /// Builds the client: its headers (the keys marked sensitive), timeouts, no redirects.
+    pub fn new(settings: ClientSettings) -> Result<Self, ClientError> {
+        let ClientSettings {
+            base_url: base,
+            key,
+            merchant_key,
+            timeout,
+            connect_timeout,
+            pool_size,
+            max_retry_after,
+        } = settings;
         let mut headers = HeaderMap::new();
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
-            .map_err(|_| ConfigError::new("api.key", "holds characters not allowed in a header"))?;
+            .map_err(|_| ClientError::new("api.key", "holds characters not allowed in a header"))?;
         auth.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, auth);
         if let Some(mk) = merchant_key {
             let mut v = HeaderValue::from_str(mk.expose_secret()).map_err(|_| {
-                ConfigError::new(
+                ClientError::new(
                     "api.merchant_key",
                     "holds characters not allowed in a header",
                 )
@@ -87,7 +102,7 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| ConfigError::new("api", format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| ClientError::new("api", format!("cannot build the HTTP client: {e}")))?;
         let mut base = base;
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
@@ -97,7 +112,7 @@ impl Client {
             http,
             base,
             max_retry_after,
-            key: key.clone(),
+            key,
         })
     }
 

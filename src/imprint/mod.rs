@@ -4,5 +4,5 @@ pub mod client;
 pub mod error;
 pub mod model;
 
-pub use client::Client;
+pub use client::{Client, ClientSettings};
 pub use model::{Customer, UpdateCustomerRequest};

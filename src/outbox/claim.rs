@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::model::{Defect, OutboxRow};
 use super::outcome::ErrorCode;
 use super::store::Store;
-use crate::profile::limits;
+use crate::limits;
 
 /// What one claim did.
 #[derive(Debug)]
@@ -145,7 +145,6 @@ fn bounded_columns(only_if: bool) -> String {
     let _ = write!(
         s,
         "array_remove(ARRAY[{}], NULL) AS defects, \
-         CASE WHEN o.enqueued_at {TIME_RANGE} THEN o.enqueued_at ELSE now() END AS enqueued_at, \
          o.id, o.customer_id, o.attempts, o.claims, o.lease_expires_at",
         defects.join(", ")
     );
@@ -629,7 +628,6 @@ pub(super) fn decode(r: &PgRow) -> sqlx::Result<OutboxRow> {
         account_created_at: r.try_get("account_created_at")?,
         transaction_count: r.try_get("transaction_count")?,
         metadata,
-        enqueued_at: r.try_get("enqueued_at")?,
         attempts: r.try_get("attempts")?,
         lease_expires_at: r.try_get("lease_expires_at")?,
         defect: trouble,

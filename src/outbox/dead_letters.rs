@@ -5,8 +5,6 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgPool, Row};
 
-use crate::cli::FailedFilter;
-
 /// One failed row, as `failed` lists it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DeadLetter {
@@ -139,18 +137,6 @@ pub struct Binds {
     pub ids: Option<Vec<i64>>,
 }
 
-impl Binds {
-    pub fn new(filter: &FailedFilter, ids: &[i64]) -> Self {
-        let some = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
-        Self {
-            codes: some(&filter.codes),
-            customers: some(&filter.customers),
-            since_seconds: filter.since.map(|d| d.as_secs_f64()),
-            ids: (!ids.is_empty()).then(|| ids.to_vec()),
-        }
-    }
-}
-
 /// The condition a failed row `o` must meet, binds $1..$4 in [`Binds`] order. A row with no
 /// error code counts as `unknown`, as `status` shows it.
 pub const MATCHES: &str = "($1::text[] IS NULL OR COALESCE(o.last_error_code, 'unknown') = ANY($1))
@@ -171,7 +157,7 @@ pub fn bind<'q, O>(
 
 /// Failed rows matching `filter`, newest first, at most `limit`; read through the partial
 /// index on failed rows, so the cost follows the dead letters, not the history.
-pub async fn list(pool: &PgPool, filter: &FailedFilter, limit: u32) -> sqlx::Result<DeadLetters> {
+pub async fn list(pool: &PgPool, filter: &Binds, limit: u32) -> sqlx::Result<DeadLetters> {
     let sql = format!(
         "SELECT o.id, o.customer_id, COALESCE(o.last_error_code, 'unknown') AS error_code,
                 o.last_error, o.last_http_status, o.attempts, o.updated_at, {PERSONAL},
@@ -187,13 +173,10 @@ pub async fn list(pool: &PgPool, filter: &FailedFilter, limit: u32) -> sqlx::Res
         row: DeadLetter,
         total: i64,
     }
-    let found: Vec<Counted> = bind(
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)),
-        &Binds::new(filter, &[]),
-    )
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await?;
+    let found: Vec<Counted> = bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
     let total = match found.first() {
         Some(c) => c.total,
         // The window count is lost with LIMIT 0 or past the last row: count alone.
@@ -206,16 +189,13 @@ pub async fn list(pool: &PgPool, filter: &FailedFilter, limit: u32) -> sqlx::Res
     })
 }
 
-async fn count(pool: &PgPool, filter: &FailedFilter) -> sqlx::Result<i64> {
+async fn count(pool: &PgPool, filter: &Binds) -> sqlx::Result<i64> {
     let sql = format!(
         "SELECT count(*) FROM imprint_sync.customer_outbox o
          WHERE o.sync_status = 'failed' AND {MATCHES}"
     );
-    let (n,): (i64,) = bind(
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)),
-        &Binds::new(filter, &[]),
-    )
-    .fetch_one(pool)
-    .await?;
+    let (n,): (i64,) = bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+        .fetch_one(pool)
+        .await?;
     Ok(n)
 }

@@ -13,3 +13,8 @@ pub mod replicas;
 pub mod report;
 pub mod retention;
 pub mod store;
+
+/// The NOTIFY channel the outbox trigger signals.
+pub const CHANNEL: &str = "imprint_sync_outbox";
+/// The NOTIFY channel on which replicas announce that they joined or left.
+pub const WORKERS_CHANNEL: &str = "imprint_sync_workers";

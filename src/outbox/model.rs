@@ -26,7 +26,6 @@ pub struct OutboxRow {
     pub account_created_at: Option<DateTime<Utc>>,
     pub transaction_count: Option<i64>,
     pub metadata: Option<Value>,
-    pub enqueued_at: DateTime<Utc>,
     /// Retryable failures so far.
     pub attempts: i32,
     /// The claim's lease end: also the claim's token, so an outcome is written back only to

@@ -167,10 +167,6 @@ impl ReconcileStore {
         Self { pool }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// The database's clock now (a pass's start, for [`Window::not_checked_since`]).
     pub async fn now(&self) -> sqlx::Result<DateTime<Utc>> {
         sqlx::query_scalar("SELECT now()")

@@ -45,7 +45,7 @@ impl Store {
     /// Tells the other replicas that this one joined: they count the live replicas again.
     pub async fn announce(&self) -> sqlx::Result<()> {
         sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::engine::WORKERS_CHANNEL)
+            .bind(crate::outbox::WORKERS_CHANNEL)
             .bind(&self.worker_id)
             .execute(&self.pool)
             .await?;
@@ -61,7 +61,7 @@ impl Store {
              SELECT pg_notify($2, $1) FROM gone",
         )
         .bind(&self.worker_id)
-        .bind(crate::engine::WORKERS_CHANNEL)
+        .bind(crate::outbox::WORKERS_CHANNEL)
         .execute(&self.pool)
         .await?;
         Ok(())

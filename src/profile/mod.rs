@@ -1,24 +1,15 @@
-//! Outbox row -> "Update a customer" request, with validation. Every rule and limit lives
-//! here; a failure names the field and never echoes the value (it may be personal data).
+//! Outbox row -> "Update a customer" request, with validation. Every rule lives here (the
+//! limits in `crate::limits`); a failure names the field and never echoes the value (it may
+//! be personal data).
 
+pub mod compare;
 mod iso;
 
 use serde_json::{Map, Value};
 
 use crate::imprint::model::{Address, CustomerHistory, UpdateCustomerRequest};
+use crate::limits;
 use crate::outbox::model::OutboxRow;
-
-/// The limits, in one place (the README lists them).
-pub mod limits {
-    /// Longest customer id (characters); only `[A-Za-z0-9_-]`.
-    pub const CUSTOMER_ID_MAX: usize = 64;
-    /// Longest text field (characters).
-    pub const TEXT_MAX: usize = 255;
-    /// Longest email address (characters, RFC 5321).
-    pub const EMAIL_MAX: usize = 254;
-    /// Largest `metadata`, serialized (bytes).
-    pub const METADATA_MAX_BYTES: usize = 16 * 1024;
-}
 
 /// A row that cannot be mapped: which field, and why (never the value).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,13 +11,12 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::{Checked, Interrupted, Outcome, Reader, Reconciler};
-use crate::app::exit;
 use crate::cli::ReconcileArgs;
 use crate::config::Settings;
-use crate::engine::shutdown;
-use crate::imprint::Client;
+use crate::exit;
 use crate::outbox::reconcile::{Counts, ReconcileStatus, ReconcileStore, Window};
 use crate::outbox::store::Store;
+use crate::signals;
 use crate::traffic::Traffic;
 use crate::{db, profile};
 
@@ -146,18 +145,14 @@ pub async fn reconcile(settings: Settings, args: ReconcileArgs) -> anyhow::Resul
     let since = args.since;
     let pool = db::pool(&settings.database)?;
     db::check_migrated(&pool).await?;
-    let traffic = Traffic::new(&settings);
+    let traffic = settings.traffic();
     let reconciler = Arc::new(Reconciler {
-        reader: Reader::new(
-            &settings,
-            Client::from_settings(&settings)?,
-            traffic.clone(),
-        ),
+        reader: Reader::new(&settings, settings.client()?, traffic.clone()),
         store: ReconcileStore::new(pool.clone()),
         repair: args.repair,
     });
     let stop = CancellationToken::new();
-    shutdown::on_signals(stop.clone());
+    signals::on_signals(stop.clone());
     // The reads spend the deployment's rate: while the pass runs it counts as a replica, so
     // the running daemons give it its part instead of the API seeing more than the limit.
     let replica = Store::new(pool, format!("reconcile-{}", crate::engine::worker_id()));

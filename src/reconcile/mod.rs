@@ -10,7 +10,6 @@
 //! pass, [`command`]) and by the continuous sweep inside `run` ([`sweep`]).
 
 pub mod command;
-pub mod compare;
 pub mod sweep;
 
 use std::sync::Arc;
@@ -26,6 +25,7 @@ use crate::imprint::Client;
 use crate::imprint::error::Answer;
 use crate::imprint::model::{Customer, json_text};
 use crate::outbox::reconcile::{Finding, ReconcileStore, Target};
+use crate::profile::compare;
 use crate::traffic::{AdaptiveRate, Admit, Traffic};
 
 /// Reads of one customer before it counts as `error` (429s do not count).

@@ -30,10 +30,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::cli::SandboxArgs;
-
-pub use store::JOURNAL_MAX;
-
 /// The faults injected into `/v2/customers` requests; changed live with `PUT /_sandbox/faults`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Faults {
@@ -52,17 +48,6 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// The faults given on the command line.
-    pub fn from_args(args: &SandboxArgs) -> Self {
-        Self {
-            latency_ms: args.latency_ms,
-            fail_rate: args.fail_rate,
-            rate_limit: args.rate_limit,
-            not_found: HashSet::new(),
-            reject_rate: 0.0,
-        }
-    }
-
     /// Refuses values that cannot mean anything: a rate outside 0..=1, a limit not above 0.
     pub fn check(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.fail_rate) {
@@ -128,7 +113,7 @@ impl SandboxHandle {
         self.shared.stats()
     }
 
-    /// The bodies received for a customer, oldest first (the last [`JOURNAL_MAX`]).
+    /// The bodies received for a customer, oldest first (the last `store::JOURNAL_MAX`).
     pub fn journal(&self, customer_id: &str) -> Vec<Value> {
         self.shared.journal(customer_id)
     }
@@ -208,39 +193,24 @@ pub async fn spawn_local(api_key: &str, faults: Faults) -> anyhow::Result<Sandbo
     spawn(listener, api_key.to_owned(), faults).await
 }
 
-/// `imprint-sync sandbox`: serves until SIGINT or SIGTERM.
-pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
-    let faults = Faults::from_args(&args);
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let handle = spawn(listener, args.api_key, faults).await?;
-    // Never the key: only where to reach it.
-    tracing::info!(listen = %handle.addr(), "sandbox listening");
-    shutdown_signal().await;
-    tracing::info!("sandbox stopping");
-    handle.shutdown().await
+/// What `imprint-sync sandbox` serves: where, the key it accepts, and the faults to start with.
+pub struct Options {
+    pub listen: SocketAddr,
+    pub api_key: String,
+    pub faults: Faults,
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+/// `imprint-sync sandbox`: serves until SIGINT or SIGTERM.
+pub async fn serve(options: Options) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("listening on {}", options.listen))?;
+    let handle = spawn(listener, options.api_key, options.faults).await?;
+    // Never the key: only where to reach it.
+    tracing::info!(listen = %handle.addr(), "sandbox listening");
+    crate::signals::first().await;
+    tracing::info!("sandbox stopping");
+    handle.shutdown().await
 }
 
 fn router(shared: Arc<Shared>) -> axum::Router {

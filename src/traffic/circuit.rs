@@ -227,11 +227,6 @@ impl Gate {
         }
     }
 
-    /// 401/403: pause everything; one error line per probe interval says why.
-    pub fn on_auth_rejected(&self, status: u16, probe: bool) {
-        self.on_refused(Refusal::Key, status, probe);
-    }
-
     /// The reason of an auth pause in force.
     pub fn refusal(&self) -> Option<Refusal> {
         let g = self.inner();
@@ -392,10 +387,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_rejected_key_pauses_everything_but_one_probe_per_interval() {
         let g = verified().await;
-        g.on_auth_rejected(401, false);
+        g.on_refused(Refusal::Key, 401, false);
         assert_eq!(g.state(), GateState::AuthPaused);
         // Requests already in flight report too: still one pause.
-        g.on_auth_rejected(401, false);
+        g.on_refused(Refusal::Key, 401, false);
         assert_eq!(g.state(), GateState::AuthPaused);
         assert_eq!(g.enter(soon()).await, None);
         let start = Instant::now();
@@ -404,7 +399,7 @@ mod tests {
         // Only the probe gets through.
         assert_eq!(g.enter(soon()).await, None);
         // Still rejected: wait another interval.
-        g.on_auth_rejected(401, true);
+        g.on_refused(Refusal::Key, 401, true);
         assert_eq!(g.state(), GateState::AuthPaused);
         assert_eq!(g.enter(soon()).await, None);
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -420,7 +415,7 @@ mod tests {
         let g = gate();
         assert_eq!(g.enter(far()).await, Some(Admit::Probe));
         let waiter = waiting(&g, Instant::now() + Duration::from_secs(5)).await;
-        g.on_auth_rejected(403, true);
+        g.on_refused(Refusal::Key, 403, true);
         assert_eq!(g.state(), GateState::AuthPaused);
         // The waiter is not let through; it gives up at its deadline (before the next probe).
         assert_eq!(waiter.await.unwrap(), None);

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::Settings;
 use crate::imprint::error::Answer;
 pub use circuit::{Gate, GateState, Refusal};
 pub use rate::AdaptiveRate;
@@ -34,13 +33,18 @@ pub struct Traffic {
     pub gate: Gate,
 }
 
+/// The rate of the whole deployment (`rate_limit.*`), shared by the live replicas.
+/// `Settings::traffic` builds it from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct TrafficSettings {
+    pub requests_per_second: f64,
+    pub burst: u32,
+}
+
 impl Traffic {
-    pub fn new(settings: &Settings) -> Arc<Self> {
+    pub fn new(settings: TrafficSettings) -> Arc<Self> {
         Arc::new(Self {
-            rate: AdaptiveRate::new(
-                settings.rate_limit.requests_per_second,
-                settings.rate_limit.burst,
-            ),
+            rate: AdaptiveRate::new(settings.requests_per_second, settings.burst),
             gate: Gate::new(circuit::GateSettings::default()),
         })
     }

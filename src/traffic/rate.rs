@@ -110,7 +110,8 @@ impl AdaptiveRate {
     }
 
     /// This replica's share of the deployment's rate, before AIMD.
-    pub fn target(&self) -> f64 {
+    #[cfg(test)]
+    fn target(&self) -> f64 {
         self.configured / f64::from(self.state().replicas.max(1))
     }
 

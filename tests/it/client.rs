@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use imprint_sync::imprint::error::Answer;
-use imprint_sync::imprint::{Client, UpdateCustomerRequest};
+use imprint_sync::imprint::{Client, ClientSettings, UpdateCustomerRequest};
 use imprint_sync::sandbox::{self, Faults, SandboxHandle};
 use secrecy::SecretString;
 use serde_json::json;
@@ -17,16 +17,15 @@ const KEY: &str = "K";
 const ID: &str = "BBB815E9-F654-438D-9AD3-3F7BB8136FC0";
 
 fn client_with(base: Url, key: &str, merchant_key: Option<&str>, timeout: Duration) -> Client {
-    let merchant_key = merchant_key.map(SecretString::from);
-    Client::new(
-        base,
-        &SecretString::from(key),
-        merchant_key.as_ref(),
+    Client::new(ClientSettings {
+        base_url: base,
+        key: SecretString::from(key),
+        merchant_key: merchant_key.map(SecretString::from),
         timeout,
-        Duration::from_secs(2),
-        8,
-        Duration::from_secs(60),
-    )
+        connect_timeout: Duration::from_secs(2),
+        pool_size: 8,
+        max_retry_after: Duration::from_secs(60),
+    })
     .expect("client")
 }
 

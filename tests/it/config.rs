@@ -7,7 +7,8 @@ use std::io::Write;
 use std::process::Output;
 
 use common::{TestDb, output_text, run_binary};
-use imprint_sync::config::{ConfigError, DEFAULT_TOML, LEASE_MARGIN_MS, LogFormat, Settings};
+use imprint_sync::config::{ConfigError, DEFAULT_TOML, LEASE_MARGIN_MS, Settings};
+use imprint_sync::telemetry::LogFormat;
 use secrecy::ExposeSecret;
 use tempfile::NamedTempFile;
 

@@ -232,6 +232,70 @@ async fn a_dry_run_shows_redacted_requests_and_touches_nothing() {
     assert!(after.iter().all(|r| r.sync_status == "pending"));
 }
 
+/// A second signal while the first one's stop waits for requests in flight exits at once
+/// with 130. Both signals are logged, under the target they have always had (log filters and
+/// queries name it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_while_stopping_exits_130() {
+    let db = TestDb::new().await;
+    let sandbox = sandbox(latency(20_000)).await;
+    common::seed_customers(&db.pool, 29, 4).await;
+    let overrides = [("API__TIMEOUT_MS", "20000"), ("SYNC__LEASE_MS", "30000")];
+    let mut daemon = Daemon::start(&["run"], &env(&db, &sandbox, &overrides));
+    eventually(30, "rows are claimed", || async {
+        count_of(&db, "in_flight").await > 0
+    })
+    .await;
+    daemon.signal("TERM");
+    eventually(10, "the first signal is logged", || {
+        std::future::ready(daemon.stderr().contains("no new rows are claimed"))
+    })
+    .await;
+    daemon.signal("INT");
+
+    assert_eq!(daemon.exit_code(10).await, 130, "{}", daemon.stderr());
+    let lines: Vec<serde_json::Value> = daemon
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for (message, signal) in [
+        ("stopping: no new rows are claimed", "SIGTERM"),
+        ("second signal: exiting at once", "SIGINT"),
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .unwrap_or_else(|| panic!("no line {message:?}: {}", daemon.stderr()));
+        assert_eq!(line["signal"], signal, "{line}");
+        assert_eq!(line["target"], "imprint_sync::engine::shutdown", "{line}");
+    }
+}
+
+/// `imprint-sync sandbox` stops on SIGTERM and on SIGINT alike: it says so and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_command_stops_on_sigterm_or_sigint() {
+    for signal in ["TERM", "INT"] {
+        let args = ["sandbox", "--listen", "127.0.0.1:0", "--api-key", "K"];
+        let mut sandbox = Daemon::start(&args, &[]);
+        eventually(30, "the sandbox listens", || {
+            std::future::ready(sandbox.stderr().contains("sandbox listening"))
+        })
+        .await;
+        sandbox.signal(signal);
+        assert_eq!(sandbox.exit_code(10).await, 0, "{}", sandbox.stderr());
+        assert!(
+            sandbox.stderr().contains("sandbox stopping"),
+            "{signal}: {}",
+            sandbox.stderr()
+        );
+    }
+}
+
 /// SIGTERM while requests are in flight: they finish, nothing is left `in_flight`, exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_requests_finish_and_leaves_nothing_in_flight() {

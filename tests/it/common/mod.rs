@@ -10,9 +10,7 @@ use std::time::Duration;
 use imprint_sync::config::Settings;
 use imprint_sync::db::ScratchDatabase;
 use imprint_sync::engine::{Engine, EngineSettings, RunMode, Summary};
-use imprint_sync::imprint::Client;
 use imprint_sync::sandbox::{self, Faults, SandboxHandle};
-use imprint_sync::traffic::Traffic;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -271,8 +269,8 @@ pub fn engine(db: &TestDb, api: &Url, overrides: &[(&str, &str)]) -> Engine {
 pub fn engine_with(pool: PgPool, settings: &Settings, worker_id: &str) -> Engine {
     Engine::with_mode(
         pool,
-        Client::from_settings(settings).expect("client"),
-        Traffic::new(settings),
+        settings.client().expect("client"),
+        settings.traffic(),
         EngineSettings::from_settings(settings),
         worker_id.to_owned(),
         RunMode { once: true },
