@@ -68,7 +68,9 @@ async fn process(shared: &Shared, row: &OutboxRow, claimed_at: Instant) -> Optio
             tracing::warn!(
                 outbox_id = row.id,
                 customer_id = %profile::LogId(&row.customer_id),
-                error_code = %ErrorCode::InvalidProfile,
+                // The daemon's own codes as text, the API's with `%`: the pretty log quotes
+                // the one and not the other, and always has (operators grep these lines).
+                error_code = ErrorCode::InvalidProfile.as_str(),
                 field = e.field,
                 "row cannot be mapped; marked failed"
             );
@@ -177,7 +179,7 @@ async fn send(
                 let delay = retry::jitter(up_to);
                 let code = error.map(|e| e.code.clone());
                 tracing::debug!(
-                    error_code = code.as_deref(),
+                    error_code = code.as_deref().map(tracing::field::display),
                     attempt = n,
                     delay_ms = telemetry::ms(delay),
                     "retrying later"
@@ -198,14 +200,14 @@ async fn send(
                 let message = error.map(describe).unwrap_or_default();
                 let (code, message) = if gave_up {
                     let code = ErrorCode::MaxAttemptsExceeded;
-                    tracing::warn!(error_code = %code, last_error_code = api_code, attempts = n, "giving up on row");
+                    tracing::warn!(error_code = code.as_str(), last_error_code = %api_code, attempts = n, "giving up on row");
                     let message = format!("after {n} attempts, last error {api_code}: {message}");
                     (code.to_string(), message)
                 } else {
                     let param = error.and_then(|e| e.param.as_deref());
                     tracing::warn!(
                         http_status = status,
-                        error_code = api_code,
+                        error_code = %api_code,
                         param,
                         "the API refused the row; marked failed"
                     );
@@ -259,7 +261,7 @@ fn synced(
     let code = error.map(|e| e.code.clone());
     tracing::warn!(
         http_status = status,
-        error_code = code.as_deref(),
+        error_code = code.as_deref().map(tracing::field::display),
         "synced, but the answer could not be read"
     );
     let disposition = Disposition::Synced {

@@ -591,6 +591,100 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
 }
 
+/// The pretty log writes each code field as it always has: the API's code (`%`, bare) where
+/// the worker named the API's answer, and its own codes as quoted text (`"invalid_profile"`,
+/// `"max_attempts_exceeded"`). Operators grep these lines; issue 14 changed no log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pretty_log_writes_error_codes_as_before() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let (refused, failing, unread, invalid) = (
+        customer_id(37, 1),
+        customer_id(37, 2),
+        customer_id(37, 3),
+        customer_id(37, 4),
+    );
+    let answers = [
+        (
+            &refused,
+            ResponseTemplate::new(400).set_body_json(json!({"error": {
+                "type": "INVALID_REQUEST_ERROR", "param": "email", "message": "bad"}})),
+        ),
+        (&failing, ResponseTemplate::new(500)),
+        (&unread, ResponseTemplate::new(204)),
+    ];
+    for (customer, answer) in answers {
+        Mock::given(method("POST"))
+            .and(path(format!("/v2/customers/{customer}")))
+            .respond_with(answer)
+            .mount(&server)
+            .await;
+    }
+    let mut bad = profile(&invalid, 1);
+    bad["phone"] = json!("0123");
+    insert(
+        &db.pool,
+        &[
+            profile(&refused, 1),
+            profile(&failing, 1),
+            profile(&unread, 1),
+            bad,
+        ],
+    )
+    .await;
+    let api = url::Url::parse(&server.uri()).unwrap();
+    let env = env_with(
+        &db.url,
+        &api,
+        &[
+            ("LOG__FORMAT", "pretty"),
+            ("LOG__LEVEL", "debug"),
+            ("SYNC__MAX_ATTEMPTS", "2"),
+        ],
+    );
+
+    let mut run = Daemon::start(&["run", "--once"], &env);
+
+    assert_eq!(run.exit_code(60).await, 1, "{}", run.stderr());
+    let logs = run.stderr();
+    for (message, fields) in [
+        (
+            "row cannot be mapped; marked failed",
+            &[r#"error_code="invalid_profile""#][..],
+        ),
+        (
+            "the API refused the row; marked failed",
+            &["error_code=INVALID_REQUEST_ERROR"],
+        ),
+        ("retrying later", &["error_code=http_500"]),
+        (
+            "giving up on row",
+            &[
+                r#"error_code="max_attempts_exceeded""#,
+                "last_error_code=http_500",
+            ],
+        ),
+        (
+            "synced, but the answer could not be read",
+            &["error_code=unverified_response"],
+        ),
+    ] {
+        let line = logs
+            .lines()
+            .find(|l| l.contains(message))
+            .unwrap_or_else(|| panic!("no line {message:?}:\n{logs}"));
+        for field in fields {
+            assert!(
+                line.split_whitespace().any(|w| w == *field),
+                "{field} in {line:?}"
+            );
+        }
+    }
+}
+
 /// G8 against a hostile API: an error body that echoes the API key (read from a key file
 /// that ends in a newline) where the code and the field name go, and a personal value as the
 /// field, reach neither the logs (at trace, so every crate's lines count; json and pretty)
