@@ -26,7 +26,7 @@ const PRUNE_BATCH: i64 = 1_000;
 pub(crate) async fn run(shared: Arc<Shared>, wake: Arc<Notify>, stop: CancellationToken) {
     let replicas_changed = Arc::new(Notify::new());
     let nudge = Arc::new(Notify::new());
-    let coalescer = tokio::spawn(coalesce(nudge.clone(), wake.clone()));
+    let coalescer = tokio::spawn(coalesce(shared.clone(), nudge.clone(), wake.clone()));
     let listener = tokio::spawn(listen(
         shared.clone(),
         nudge,
@@ -116,19 +116,27 @@ async fn prune_all(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// The least time between two wake-ups of the claimer by NOTIFY. Any role that can connect
-/// may NOTIFY the channel in a loop; unbounded, each notification cost an empty claim, back
-/// to back. A claim that found rows does not wait for a wake-up, so this never slows a
-/// backlog; a single insert after a quiet spell still wakes the claimer at once.
+/// The least time between two wake-ups of the claimer by NOTIFY while they find nothing. Any
+/// role that can connect may NOTIFY the channel in a loop; unbounded, each notification cost
+/// an empty claim, back to back. A claim that found rows does not wait for a wake-up, so
+/// this never slows a backlog; a single insert after a quiet spell still wakes the claimer
+/// at once.
 const MIN_WAKE_GAP: Duration = Duration::from_millis(50);
 
-/// Passes NOTIFY wake-ups (`nudge`) on to the claimer (`wake`), at most one per
-/// [`MIN_WAKE_GAP`]: notifications that come meanwhile are one wake-up at its end.
-async fn coalesce(nudge: Arc<Notify>, wake: Arc<Notify>) {
+/// Passes NOTIFY wake-ups (`nudge`) on to the claimer (`wake`). After a wake-up whose claim
+/// took nothing, the next one waits until [`MIN_WAKE_GAP`] has passed (notifications that
+/// come meanwhile are one wake-up at its end); after a claim that took rows, the next
+/// notification is a real insert as likely as not, and is passed on at once. So a storm of
+/// empty notifications costs at most one claim per gap (plus one per claim that took rows),
+/// and a steady trickle of inserts (one every 20 ms, say) is claimed as each arrives.
+async fn coalesce(shared: Arc<Shared>, nudge: Arc<Notify>, wake: Arc<Notify>) {
     loop {
         nudge.notified().await;
         wake.notify_one();
-        tokio::time::sleep(MIN_WAKE_GAP).await;
+        tokio::select! {
+            _ = tokio::time::sleep(MIN_WAKE_GAP) => {}
+            _ = shared.took_rows.notified() => {}
+        }
     }
 }
 

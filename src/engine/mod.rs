@@ -174,6 +174,9 @@ pub(crate) struct Shared {
     /// The grace is over: requests still in flight are cut off and their rows given back.
     pub hard_stop: CancellationToken,
     pub mode: RunMode,
+    /// A claim took rows: the NOTIFY that woke it was a real insert, so the next one is
+    /// passed on at once (see `maintenance::coalesce`).
+    pub took_rows: Notify,
 }
 
 impl Shared {
@@ -210,6 +213,7 @@ impl Engine {
                 send_slots: Semaphore::new(concurrency),
                 stop: CancellationToken::new(),
                 hard_stop: CancellationToken::new(),
+                took_rows: Notify::new(),
                 mode,
             }),
         }
@@ -400,6 +404,9 @@ async fn claimer(
             RowOutcome::Superseded.count(claim.superseded);
         }
         let got = claim.rows.len();
+        if got > 0 {
+            shared.took_rows.notify_one();
+        }
         // A span per batch that holds rows (an idle poll makes none): each row's span is its
         // child, so a trace shows the batch and everything sent for it.
         let batch = if got > 0 {
