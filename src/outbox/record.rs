@@ -147,8 +147,12 @@ FROM done d
 -- The write-back commits without waiting for its WAL to reach disk (flushed within
 -- 3 x wal_writer_delay). A database crash in that window loses the outcome, never the row:
 -- it is still in flight under its lease, is rescued when the lease expires and sent again,
--- an idempotent update (docs/design.md, "Durability of the write-back").
-CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS quick_commit
+-- an idempotent update (docs/design.md, "Durability of the write-back"). Not so a quiet
+-- period: lost, it would end with the lease, up to api.timeout_ms too early (G2); a batch
+-- that starts one waits for the disk. One row whatever the batch, so no row is dropped.
+CROSS JOIN (SELECT CASE WHEN bool_or(h.hold_ms IS NOT NULL) IS NOT TRUE
+                        THEN set_config('synchronous_commit', 'off', true) END
+            FROM done h) AS quick_commit
 "#;
 
 /// A batch of outcomes as the write-back's columns, one array per bound parameter (`$n` in

@@ -915,3 +915,99 @@ async fn an_oversized_customer_id_fails_alone() {
     assert_eq!(sandbox.stats().requests_total, 2);
     assert_eq!(summary.failed, 1);
 }
+
+/// G5 with G2: a write-back skips the wait for its WAL flush only where a database crash
+/// could lose nothing but bookkeeping. A quiet period is more: lost with its outcome, the row
+/// is rescued when its lease ends (up to `api.timeout_ms` before the quiet period would have),
+/// and a newer row goes out while the timed-out request may still be applied. A deferred
+/// trigger sees each commit's `synchronous_commit` (it runs just before COMMIT); the store's
+/// pool has one connection, so the claim after a quick write-back also shows that the setting
+/// ended with that statement.
+#[tokio::test]
+async fn a_write_back_that_starts_a_quiet_period_waits_for_the_disk() {
+    let db = TestDb::new().await;
+    sqlx::raw_sql(
+        "CREATE TABLE public.commits (synchronous_commit text);
+         CREATE FUNCTION public.log_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO public.commits VALUES (current_setting('synchronous_commit'));
+           RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER log_commit AFTER UPDATE ON imprint_sync.customer_outbox
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.log_commit();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // The settings the commits since the last look ran under.
+    let commits = || async {
+        sqlx::query_scalar::<_, String>(
+            "WITH seen AS (DELETE FROM public.commits RETURNING synchronous_commit)
+             SELECT DISTINCT synchronous_commit FROM seen ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let (quick, quiet) = (customer_id(17, 1), customer_id(17, 2));
+    let ids = insert(&db.pool, &[profile(&quick, 1), profile(&quiet, 1)]).await;
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let store = Store::new(one.clone(), "durable");
+    let claim = store.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(claim.rows.len(), 2);
+    assert_eq!(commits().await, ["on"], "the claim");
+
+    let lease = |id| {
+        claim
+            .rows
+            .iter()
+            .find(|r| r.id == id)
+            .unwrap()
+            .lease_expires_at
+    };
+    let applied = store
+        .record(&[common::refused(ids[0], &quick, lease(ids[0]))])
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(
+        commits().await,
+        ["off"],
+        "a write-back without a quiet period"
+    );
+    let shown: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&one)
+        .await
+        .unwrap();
+    assert_eq!(
+        shown, "on",
+        "the setting outlived the write-back's transaction"
+    );
+
+    let timed_out = imprint_sync::outbox::record::Record {
+        disposition: imprint_sync::outbox::record::Disposition::Retry {
+            delay: Duration::ZERO,
+            counts: true,
+        },
+        http_status: None,
+        error_code: Some("timeout".into()),
+        error: Some("no answer within api.timeout_ms".into()),
+        hold: Some(Duration::from_secs(10)),
+        ..common::refused(ids[1], &quiet, lease(ids[1]))
+    };
+    let applied = store.record(&[timed_out]).await.unwrap();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(
+        commits().await,
+        ["on"],
+        "a write-back that starts a quiet period returned before its WAL was on disk"
+    );
+
+    // The next claim (the quiet customer's row is deferred) commits synchronously.
+    store.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(commits().await, ["on"], "a claim after the write-backs");
+}
