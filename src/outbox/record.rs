@@ -4,8 +4,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgArguments;
+use sqlx::{FromRow, Postgres, Row};
 
 use super::store::Store;
+
+type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 /// The final or intermediate state a worked row is written back with.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,38 +251,79 @@ impl<'a> Columns<'a> {
     }
 }
 
+impl Columns<'_> {
+    /// Binds the columns to [`RECORD_SQL`]'s parameters, in order.
+    fn bind<'q>(&'q self, q: Query<'q>, worker_id: &'q str) -> Query<'q> {
+        q.bind(&self.id)
+            .bind(&self.status)
+            .bind(&self.attempt_inc)
+            .bind(&self.delay_ms)
+            .bind(&self.http_status)
+            .bind(&self.error_code)
+            .bind(&self.error)
+            .bind(worker_id)
+            .bind(&self.state_id)
+            .bind(&self.imprint_updated_at)
+            .bind(&self.statuses)
+            .bind(&self.response)
+            .bind(&self.drift)
+            .bind(&self.log_id)
+            .bind(&self.log_customer)
+            .bind(&self.log_attempt)
+            .bind(&self.log_started)
+            .bind(&self.log_duration_ms)
+            .bind(&self.log_http_status)
+            .bind(&self.log_outcome)
+            .bind(&self.log_error_code)
+            .bind(&self.log_error)
+            .bind(&self.claim)
+            .bind(&self.state_claim)
+            .bind(&self.accepted)
+            .bind(&self.hold_ms)
+    }
+}
+
+fn applied(rows: &[sqlx::postgres::PgRow]) -> sqlx::Result<Vec<Applied>> {
+    rows.iter().map(Applied::from_row).collect()
+}
+
 impl Store {
     /// Writes a batch of outcomes in one statement; returns the rows it applied to.
     pub async fn record(&self, records: &[Record]) -> sqlx::Result<Vec<Applied>> {
         let c = Columns::of(records);
-        sqlx::query_as(RECORD_SQL)
-            .bind(&c.id)
-            .bind(&c.status)
-            .bind(&c.attempt_inc)
-            .bind(&c.delay_ms)
-            .bind(&c.http_status)
-            .bind(&c.error_code)
-            .bind(&c.error)
-            .bind(&self.worker_id)
-            .bind(&c.state_id)
-            .bind(&c.imprint_updated_at)
-            .bind(&c.statuses)
-            .bind(&c.response)
-            .bind(&c.drift)
-            .bind(&c.log_id)
-            .bind(&c.log_customer)
-            .bind(&c.log_attempt)
-            .bind(&c.log_started)
-            .bind(&c.log_duration_ms)
-            .bind(&c.log_http_status)
-            .bind(&c.log_outcome)
-            .bind(&c.log_error_code)
-            .bind(&c.log_error)
-            .bind(&c.claim)
-            .bind(&c.state_claim)
-            .bind(&c.accepted)
-            .bind(&c.hold_ms)
+        let rows = c
+            .bind(sqlx::query(RECORD_SQL), &self.worker_id)
             .fetch_all(&self.pool)
-            .await
+            .await?;
+        applied(&rows)
+    }
+
+    /// The write-back, first run under `EXPLAIN (ANALYZE, FORMAT JSON)` with a generic plan and
+    /// rolled back:
+    /// returns what it applied and the work of its plan (rows produced and removed, times
+    /// loops: [`super::plan::work`]), for tests and the benchmark.
+    pub async fn record_measured(&self, records: &[Record]) -> sqlx::Result<(Vec<Applied>, f64)> {
+        let c = Columns::of(records);
+        let mut tx = self.pool.begin().await?;
+        // The plan a prepared statement may settle on after a few executions, whose
+        // estimates do not see the arrays' sizes: the one that must stay bounded.
+        sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan; SAVEPOINT explain")
+            .execute(&mut *tx)
+            .await?;
+        let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {RECORD_SQL}");
+        let plan: serde_json::Value = c
+            .bind(sqlx::query(sqlx::AssertSqlSafe(explain)), &self.worker_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT explain")
+            .execute(&mut *tx)
+            .await?;
+        let rows = c
+            .bind(sqlx::query(RECORD_SQL), &self.worker_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((applied(&rows)?, super::plan::work(&plan)))
     }
 }

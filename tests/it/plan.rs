@@ -271,3 +271,63 @@ async fn the_wal_meter_reads_through_a_checkpoint_and_sees_nothing_pruned() {
         "{moved} rows moved by the second update: {records:?}"
     );
 }
+
+/// G9 for the write-back: the work of its plan per written row stays bounded whatever the
+/// statistics say. Here they say every row of a 100,000-row outbox is in flight (analyzed in
+/// the middle of a large drain, say), which once made the planner hash the whole table for
+/// each batch of outcomes.
+#[tokio::test]
+async fn write_back_work_is_bounded_whatever_the_statistics() {
+    use imprint_sync::outbox::record::{Disposition, Record};
+    const ROWS: usize = 500;
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    sql(
+        &db,
+        "INSERT INTO imprint_sync.customer_outbox
+             (customer_id, email, sync_status, leased_by, lease_expires_at)
+         SELECT upper(gen_random_uuid()::text), 'x', 'in_flight', 'plan-test',
+                '2030-01-01 00:00:00+00'
+         FROM generate_series(1, 100000);
+         ANALYZE imprint_sync.customer_outbox;",
+    )
+    .await;
+    let claimed: Vec<(i64, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT id, customer_id, lease_expires_at FROM imprint_sync.customer_outbox
+         ORDER BY id LIMIT $1",
+    )
+    .bind(i64::try_from(ROWS).unwrap())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let records: Vec<Record> = claimed
+        .into_iter()
+        .map(|(id, customer_id, claim)| Record {
+            id,
+            customer_id,
+            disposition: Disposition::Synced {
+                imprint_updated_at: None,
+                statuses: None,
+                response: Some("{}".to_owned()),
+                drift: None,
+                accepted: r#"{"email": "x"}"#.to_owned(),
+            },
+            http_status: Some(200),
+            error_code: None,
+            error: None,
+            claim: Some(claim),
+            hold: None,
+            attempts: Vec::new(),
+        })
+        .collect();
+    let store = Store::new(db.pool.clone(), "plan-test");
+    let (applied, work) = store.record_measured(&records).await.expect("write-back");
+    assert_eq!(applied.len(), ROWS, "every outcome applies");
+    #[allow(clippy::cast_precision_loss, reason = "500 rows")]
+    let per_row = work / ROWS as f64;
+    eprintln!("write-back: plan work {work}, {per_row:.1} per written row");
+    assert!(
+        per_row <= MAX_WORK_PER_ROW,
+        "write-back work {per_row:.1} per written row (limit {MAX_WORK_PER_ROW})"
+    );
+}
