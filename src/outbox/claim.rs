@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row};
 use tokio::time::Instant;
 
@@ -390,7 +390,7 @@ struct Tx {
     work: Option<f64>,
 }
 
-type Query = sqlx::query::Query<'static, Postgres, PgArguments>;
+type Query = super::plan::Query<'static>;
 
 impl Tx {
     async fn fetch(
@@ -399,18 +399,7 @@ impl Tx {
         bind: impl Fn(Query) -> Query,
     ) -> sqlx::Result<Vec<PgRow>> {
         if let Some(work) = self.work.as_mut() {
-            sqlx::raw_sql("SAVEPOINT explain")
-                .execute(&mut *self.tx)
-                .await?;
-            let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}");
-            let plan: Value = bind(sqlx::query(sqlx::AssertSqlSafe(explain)))
-                .fetch_one(&mut *self.tx)
-                .await?
-                .try_get(0)?;
-            *work += super::plan::work(&plan);
-            sqlx::raw_sql("ROLLBACK TO SAVEPOINT explain")
-                .execute(&mut *self.tx)
-                .await?;
+            *work += super::plan::measure(&mut self.tx, sql, &bind).await?;
         }
         bind(sqlx::query(sql)).fetch_all(&mut *self.tx).await
     }

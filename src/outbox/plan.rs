@@ -3,6 +3,33 @@
 //! this is the measure tests and the benchmark hold it to (time is not: it varies by machine).
 
 use serde_json::Value;
+use sqlx::postgres::PgArguments;
+use sqlx::{PgConnection, Postgres, Row};
+
+/// A statement of the outbox with its parameters bound.
+pub(crate) type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+/// The work of `sql`, with the parameters `bind` gives it, run under
+/// `EXPLAIN (ANALYZE, FORMAT JSON)` inside a savepoint that is rolled back: its effects are
+/// undone, its plan's work is returned.
+pub(crate) async fn measure<'q>(
+    conn: &mut PgConnection,
+    sql: &str,
+    bind: impl FnOnce(Query<'q>) -> Query<'q>,
+) -> sqlx::Result<f64> {
+    sqlx::raw_sql("SAVEPOINT explain")
+        .execute(&mut *conn)
+        .await?;
+    let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}");
+    let plan: Value = bind(sqlx::query(sqlx::AssertSqlSafe(explain)))
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    sqlx::raw_sql("ROLLBACK TO SAVEPOINT explain")
+        .execute(&mut *conn)
+        .await?;
+    Ok(work(&plan))
+}
 
 /// Sum over every plan node of (rows produced + rows removed by filters, join filters and
 /// index rechecks) × loops. Takes the whole `EXPLAIN (ANALYZE, FORMAT JSON)` result (an array

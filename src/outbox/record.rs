@@ -4,12 +4,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgArguments;
-use sqlx::{FromRow, Postgres, Row};
+use sqlx::FromRow;
 
+use super::plan::Query;
 use super::store::Store;
-
-type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 /// The final or intermediate state a worked row is written back with.
 #[derive(Debug, Clone, PartialEq)]
@@ -307,23 +305,16 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // The plan a prepared statement may settle on after a few executions, whose
         // estimates do not see the arrays' sizes: the one that must stay bounded.
-        sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan; SAVEPOINT explain")
+        sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
             .execute(&mut *tx)
             .await?;
-        let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {RECORD_SQL}");
-        let plan: serde_json::Value = c
-            .bind(sqlx::query(sqlx::AssertSqlSafe(explain)), &self.worker_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-        sqlx::raw_sql("ROLLBACK TO SAVEPOINT explain")
-            .execute(&mut *tx)
-            .await?;
+        let work =
+            super::plan::measure(&mut tx, RECORD_SQL, |q| c.bind(q, &self.worker_id)).await?;
         let rows = c
             .bind(sqlx::query(RECORD_SQL), &self.worker_id)
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok((applied(&rows)?, super::plan::work(&plan)))
+        Ok((applied(&rows)?, work))
     }
 }
