@@ -251,7 +251,11 @@ fn synced(
             statuses: customer.statuses.as_ref().map(json_text),
             drift: (!drift.is_empty()).then(|| json_text(&drift)),
             accepted: json_text(&sent),
-            response: Some(customer.into_stored(shared.settings.keep_sensitive)),
+            response: Some(crate::profile::compare::stored_response(
+                &sent,
+                customer,
+                shared.settings.keep_sensitive,
+            )),
         };
         return record(row, disposition, Some(status), None, None, attempts);
     }

@@ -182,19 +182,21 @@ impl Customer {
             .map(|t| t.with_timezone(&Utc))
     }
 
-    /// The object as stored in `customer_sync_state.response` (JSON text), without `ssn4`
-    /// and `date_of_birth` unless `keep_sensitive`: wherever they are, in whatever case or
-    /// spelling (`SSN4`, `dateOfBirth`, nested in an object this version does not know), so
-    /// a change of the API's shape cannot slip them into the database.
-    pub fn into_stored(mut self: Box<Self>, keep_sensitive: bool) -> String {
-        if keep_sensitive {
-            return json_text(&self);
+    /// The object as `customer_sync_state.response` keeps it (see
+    /// [`crate::profile::compare::stored_response`]), without `ssn4` and `date_of_birth`
+    /// unless `keep_sensitive`: wherever they are, in whatever case or spelling (`SSN4`,
+    /// `dateOfBirth`, nested in an object this version does not know), so a change of the
+    /// API's shape cannot slip them into the database.
+    pub fn into_stored(mut self: Box<Self>, keep_sensitive: bool) -> Value {
+        if !keep_sensitive {
+            self.ssn4 = None;
+            self.date_of_birth = None;
         }
-        self.ssn4 = None;
-        self.date_of_birth = None;
         let mut v = serde_json::to_value(&*self).unwrap_or(Value::Null);
-        strip_sensitive(&mut v);
-        json_text(&v)
+        if !keep_sensitive {
+            strip_sensitive(&mut v);
+        }
+        v
     }
 }
 

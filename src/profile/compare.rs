@@ -71,6 +71,57 @@ pub fn drifted_fields(accepted: &Map<String, Value>, imprint: &Customer) -> Vec<
         .collect()
 }
 
+/// Imprint's answer as `customer_sync_state.response` stores it: once. A compared field
+/// whose value Imprint echoed exactly as sent is left out (`accepted` holds it), and so are
+/// the card statuses (`statuses` holds them); what stays is what no other column holds:
+/// Imprint's own fields and every value it holds otherwise than sent, however slightly (a
+/// case changed). `accepted` overlaid with `response` (`address` and `metadata` key by key)
+/// is the object Imprint answered, but for a sent field it left out, which `drift` names.
+pub fn stored_response(
+    sent: &Map<String, Value>,
+    imprint: Box<Customer>,
+    keep_sensitive: bool,
+) -> String {
+    let mut object = imprint.into_stored(keep_sensitive);
+    if let Some(fields) = object.as_object_mut() {
+        fields.remove("statuses");
+        for (name, place, _) in COMPARED {
+            let Some(want) = sent.get(name).filter(|v| !v.is_null()) else {
+                continue;
+            };
+            let (holder, key) = match place {
+                Place::Top => (Some(&mut *fields), name),
+                Place::Address => (
+                    fields.get_mut("address").and_then(Value::as_object_mut),
+                    name,
+                ),
+                Place::Metadata => {
+                    let metadata = fields.get_mut("metadata").and_then(Value::as_object_mut);
+                    if let (Some(have), Some(want)) = (metadata, want.as_object()) {
+                        have.retain(|k, v| want.get(k) != Some(v));
+                    }
+                    continue;
+                }
+            };
+            if let Some(holder) = holder
+                && holder.get(key) == Some(want)
+            {
+                holder.remove(key);
+            }
+        }
+        for nested in ["address", "metadata"] {
+            if fields
+                .get(nested)
+                .and_then(Value::as_object)
+                .is_some_and(Map::is_empty)
+            {
+                fields.remove(nested);
+            }
+        }
+    }
+    crate::imprint::model::json_text(&object)
+}
+
 fn same(rule: Rule, want: &Value, have: Option<&Value>) -> bool {
     let Some(have) = have.filter(|v| !v.is_null()) else {
         return false;

@@ -837,7 +837,8 @@ async fn sensitive_fields_are_not_stored_under_another_name_or_nested() {
         json!({"tier": "GOLD"}),
         "the rest is kept"
     );
-    assert_eq!(response["statuses"], json!({"Imprint Card": "OPEN"}));
+    let statuses: Value = common::sync_state(&db.pool, &c, "statuses").await;
+    assert_eq!(statuses, json!({"Imprint Card": "OPEN"}), "in their own column");
 }
 
 /// One row whose outcome the database refuses with an error a trigger raises (a partner's
@@ -1010,4 +1011,63 @@ async fn a_write_back_that_starts_a_quiet_period_waits_for_the_disk() {
     // The next claim (the quiet customer's row is deferred) commits synchronously.
     store.claim(10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(commits().await, ["on"], "a claim after the write-backs");
+}
+
+/// Issue 11, the write-back's weight: what Imprint answers is stored once. The values it
+/// echoed exactly as sent are in `accepted` already, and the card statuses in `statuses`, so
+/// `response` keeps only the rest: Imprint's own fields and whatever it holds otherwise than
+/// sent (a case changed, a value replaced), so nothing Imprint said is lost.
+#[tokio::test]
+async fn an_answer_is_stored_once_beside_what_was_accepted() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let c = customer_id(11, 1);
+    let sent = profile(&c, 1);
+    let echoed = json!({
+        "id": c,
+        "email": sent["email"].as_str().unwrap().to_uppercase(),
+        "phone": "+14155550199",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "preferred_language": "en",
+        "address": {"street_line1": "1 Main St", "city": "Springfield", "state": "IL",
+                    "postal_code": "62701", "country": "US"},
+        "metadata": {"version": 1, "tier": "gold"},
+        "statuses": {"Imprint Card": "OPEN"},
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-02T00:00:00Z",
+    });
+    answer(
+        &server,
+        &c,
+        vec![ResponseTemplate::new(200).set_body_json(echoed)],
+    )
+    .await;
+    insert(&db.pool, &[sent]).await;
+    let api = Url::parse(&server.uri()).unwrap();
+
+    let summary = run_once(&db, &api, &[]).await;
+
+    assert_eq!(summary.synced, 1);
+    let stored: Value = common::sync_state(&db.pool, &c, "response").await;
+    assert_eq!(
+        stored,
+        json!({
+            "id": c,
+            "email": profile(&c, 1)["email"].as_str().unwrap().to_uppercase(),
+            "phone": "+14155550199",
+            "address": {"country": "US"},
+            "metadata": {"tier": "gold"},
+            "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-02T00:00:00Z",
+        }),
+        "the response keeps what `accepted` and `statuses` do not hold"
+    );
+    let statuses: Value = common::sync_state(&db.pool, &c, "statuses").await;
+    assert_eq!(statuses, json!({"Imprint Card": "OPEN"}));
+    let accepted: Value = common::sync_state(&db.pool, &c, "accepted").await;
+    assert_eq!(accepted["first_name"], "Ada");
+    assert_eq!(accepted["city"], "Springfield");
+    let drift: Value = common::sync_state(&db.pool, &c, "drift").await;
+    assert_eq!(drift, json!(["phone", "country"]), "drift is unchanged");
 }
