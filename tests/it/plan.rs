@@ -331,3 +331,35 @@ async fn write_back_work_is_bounded_whatever_the_statistics() {
         "write-back work {per_row:.1} per written row (limit {MAX_WORK_PER_ROW})"
     );
 }
+
+/// G9 for the rescue of expired leases (run every few seconds): its work is bounded by the
+/// rows in flight, never by the outbox, whatever the statistics. Here they were taken when
+/// every row was in flight, and 200,000 rows have been synced since.
+#[tokio::test]
+async fn rescue_work_is_bounded_by_the_rows_in_flight() {
+    const IN_FLIGHT: i64 = 1_000;
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    sql(
+        &db,
+        "INSERT INTO imprint_sync.customer_outbox
+             (customer_id, email, sync_status, leased_by, lease_expires_at)
+         SELECT upper(gen_random_uuid()::text), 'x', 'in_flight', 'plan-test',
+                CASE WHEN g % 2 = 0 THEN now() - interval '1 minute'
+                     ELSE now() + interval '1 hour' END
+         FROM generate_series(1, 1000) g;
+         ANALYZE imprint_sync.customer_outbox;",
+    )
+    .await;
+    sql(&db, &rows(200_000, "synced")).await;
+    let store = Store::new(db.pool.clone(), "plan-test");
+    let (rescued, work) = store.rescue_expired_measured().await.expect("rescue");
+    assert_eq!(rescued, 500, "the expired half is rescued");
+    #[allow(clippy::cast_precision_loss, reason = "1,000 rows")]
+    let per_row = work / IN_FLIGHT as f64;
+    eprintln!("rescue: plan work {work}, {per_row:.1} per row in flight");
+    assert!(
+        per_row <= 3.0,
+        "rescue work {per_row:.1} per row in flight (limit 3)"
+    );
+}
