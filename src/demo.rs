@@ -265,13 +265,15 @@ async fn print_summary(
 async fn print_states(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     let rows = sqlx::query(
         "SELECT customer_id, last_synced_outbox_id, statuses::text AS statuses,
+                (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(accepted) k)
+                    AS accepted,
                 (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(response) k) AS fields
          FROM imprint_sync.customer_sync_state ORDER BY last_synced_outbox_id DESC LIMIT 3",
     )
     .fetch_all(pool)
     .await?;
     println!(
-        "\n  customer_sync_state (3 rows; the response is stored without ssn4 and date_of_birth):"
+        "\n  customer_sync_state (3 rows; Imprint's answer stored once, without ssn4 and date_of_birth):"
     );
     for r in rows {
         let id: String = r.try_get("customer_id")?;
@@ -282,7 +284,15 @@ async fn print_states(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             "    {id}  last_synced_outbox_id={last}  statuses={}",
             statuses.unwrap_or_default()
         );
-        println!("      response fields: {}", fields.unwrap_or_default());
+        let accepted: Option<String> = r.try_get("accepted")?;
+        println!(
+            "      accepted (the columns sent): {}",
+            accepted.unwrap_or_default()
+        );
+        println!(
+            "      response (the rest of the answer): {}",
+            fields.unwrap_or_default()
+        );
     }
     Ok(())
 }

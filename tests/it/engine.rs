@@ -838,7 +838,11 @@ async fn sensitive_fields_are_not_stored_under_another_name_or_nested() {
         "the rest is kept"
     );
     let statuses: Value = common::sync_state(&db.pool, &c, "statuses").await;
-    assert_eq!(statuses, json!({"Imprint Card": "OPEN"}), "in their own column");
+    assert_eq!(
+        statuses,
+        json!({"Imprint Card": "OPEN"}),
+        "in their own column"
+    );
 }
 
 /// One row whose outcome the database refuses with an error a trigger raises (a partner's
