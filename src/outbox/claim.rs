@@ -705,8 +705,11 @@ impl Store {
     async fn rescue(&self, measure: bool) -> sqlx::Result<(u64, f64)> {
         let mut tx = self.pool.begin().await?;
         // Through the partial index of rows in flight (as many as the workers hold), never a
-        // scan of the outbox, whatever the statistics say.
-        sqlx::raw_sql("SET LOCAL enable_seqscan = off")
+        // scan of the outbox, whatever the statistics say. A plain index scan, not a bitmap:
+        // until the outbox is vacuumed the index keeps an entry for every row that went
+        // through `in_flight` (the update of `sync_status` is never HOT); an index scan marks
+        // them dead as it passes, a bitmap scan fetches them all again on every rescue.
+        sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
             .execute(&mut *tx)
             .await?;
         let work = if measure {
