@@ -75,8 +75,12 @@ pub fn drifted_fields(accepted: &Map<String, Value>, imprint: &Customer) -> Vec<
 /// whose value Imprint echoed exactly as sent is left out (`accepted` holds it), and so are
 /// the card statuses (`statuses` holds them); what stays is what no other column holds:
 /// Imprint's own fields and every value it holds otherwise than sent, however slightly (a
-/// case changed). `accepted` overlaid with `response` (`address` and `metadata` key by key)
-/// is the object Imprint answered, but for a sent field it left out, which `drift` names.
+/// case changed). `metadata` is left out only when Imprint's is the object sent, key for
+/// key; otherwise it stays whole. A compared field this request did not send and Imprint did
+/// not return is stored as `null` (`address: null` for no address at all), so that it never
+/// reads as echoed. `accepted` overlaid with `response` (`address` key by key, `metadata`
+/// whole) is the object Imprint answered, but for a sent field it left out, which `drift`
+/// names.
 pub fn stored_response(
     sent: &Map<String, Value>,
     imprint: Box<Customer>,
@@ -85,38 +89,44 @@ pub fn stored_response(
     let mut object = imprint.into_stored(keep_sensitive);
     if let Some(fields) = object.as_object_mut() {
         fields.remove("statuses");
+        let address = fields.get("address").and_then(Value::as_object);
+        let had_address = address.is_some();
+        let had_empty_address = address.is_some_and(Map::is_empty);
         for (name, place, _) in COMPARED {
-            let Some(want) = sent.get(name).filter(|v| !v.is_null()) else {
-                continue;
-            };
-            let (holder, key) = match place {
-                Place::Top => (Some(&mut *fields), name),
-                Place::Address => (
-                    fields.get_mut("address").and_then(Value::as_object_mut),
-                    name,
-                ),
-                Place::Metadata => {
-                    let metadata = fields.get_mut("metadata").and_then(Value::as_object_mut);
-                    if let (Some(have), Some(want)) = (metadata, want.as_object()) {
-                        have.retain(|k, v| want.get(k) != Some(v));
+            let want = sent.get(name).filter(|v| !v.is_null());
+            let holder = match place {
+                Place::Top | Place::Metadata => Some(&mut *fields),
+                Place::Address if had_address => {
+                    fields.get_mut("address").and_then(Value::as_object_mut)
+                }
+                // No address in the answer: one `address: null` says so for every field.
+                Place::Address => {
+                    if want.is_none() {
+                        fields.insert("address".into(), Value::Null);
                     }
                     continue;
                 }
             };
-            if let Some(holder) = holder
-                && holder.get(key) == Some(want)
-            {
-                holder.remove(key);
+            let Some(holder) = holder else { continue };
+            match (want, holder.get(name)) {
+                (Some(want), Some(have)) if have == want => {
+                    holder.remove(name);
+                }
+                (None, None) => {
+                    holder.insert(name.into(), Value::Null);
+                }
+                _ => {}
             }
         }
-        for nested in ["address", "metadata"] {
-            if fields
-                .get(nested)
+        // An address every field of which was echoed as sent.
+        if had_address
+            && !had_empty_address
+            && fields
+                .get("address")
                 .and_then(Value::as_object)
                 .is_some_and(Map::is_empty)
-            {
-                fields.remove(nested);
-            }
+        {
+            fields.remove("address");
         }
     }
     crate::imprint::model::json_text(&object)

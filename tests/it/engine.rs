@@ -12,7 +12,7 @@ use common::{
 };
 use imprint_sync::outbox::store::Store;
 use imprint_sync::sandbox::Faults;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 use wiremock::matchers::{method, path};
@@ -1060,8 +1060,8 @@ async fn an_answer_is_stored_once_beside_what_was_accepted() {
             "id": c,
             "email": profile(&c, 1)["email"].as_str().unwrap().to_uppercase(),
             "phone": "+14155550199",
-            "address": {"country": "US"},
-            "metadata": {"tier": "gold"},
+            "address": {"country": "US", "street_line2": null},
+            "metadata": {"version": 1, "tier": "gold"},
             "created_at": "2026-01-01T00:00:00Z",
             "updated_at": "2026-01-02T00:00:00Z",
         }),
@@ -1074,4 +1074,100 @@ async fn an_answer_is_stored_once_beside_what_was_accepted() {
     assert_eq!(accepted["city"], "Springfield");
     let drift: Value = common::sync_state(&db.pool, &c, "drift").await;
     assert_eq!(drift, json!(["phone", "country"]), "drift is unchanged");
+}
+
+/// What Imprint said survives `response` storing it once. Three answers the old rule lost:
+/// a sent metadata key Imprint dropped (which one? `drift` only says "metadata"); an empty
+/// `address`/`metadata` Imprint returned for a request that sent neither; and a field this
+/// request did not send and Imprint no longer returns, which read as "echoed as sent" and so
+/// as the stale value in `accepted`.
+#[tokio::test]
+async fn an_answer_stored_once_loses_nothing_imprint_said() {
+    let db = TestDb::new().await;
+    let server = MockServer::start().await;
+    let api = Url::parse(&server.uri()).unwrap();
+    let (dropped_key, empty, forgotten) =
+        (customer_id(12, 1), customer_id(12, 2), customer_id(12, 3));
+
+    let mut two_keys = profile(&dropped_key, 1);
+    two_keys["metadata"] = json!({"version": 1, "tier": "gold"});
+    let mut echo = two_keys.clone();
+    echo["id"] = json!(dropped_key);
+    echo["metadata"] = json!({"version": 1});
+    let echo_of = |p: &Value, id: &str| {
+        let mut e = p.clone();
+        e["id"] = json!(id);
+        let o = e.as_object_mut().unwrap();
+        o.remove("customer_id");
+        let address: Map<String, Value> =
+            ["street_line1", "city", "state", "postal_code", "country"]
+                .iter()
+                .filter_map(|k| o.remove(*k).map(|v| ((*k).to_owned(), v)))
+                .collect();
+        o.insert("address".into(), Value::Object(address));
+        e
+    };
+    let echo = echo_of(&echo, &dropped_key);
+    answer(
+        &server,
+        &dropped_key,
+        vec![ResponseTemplate::new(200).set_body_json(echo)],
+    )
+    .await;
+
+    let email_only = json!({"customer_id": empty, "email": "ada@example.com"});
+    let bare = json!({"id": empty, "email": "ada@example.com", "address": {}, "metadata": {}});
+    answer(
+        &server,
+        &empty,
+        vec![ResponseTemplate::new(200).set_body_json(bare)],
+    )
+    .await;
+
+    let full = profile(&forgotten, 1);
+    let mut second = echo_of(&full, &forgotten);
+    second["address"].as_object_mut().unwrap().remove("city");
+    answer(
+        &server,
+        &forgotten,
+        vec![
+            ResponseTemplate::new(200).set_body_json(echo_of(&full, &forgotten)),
+            ResponseTemplate::new(200).set_body_json(second),
+        ],
+    )
+    .await;
+
+    insert(&db.pool, &[two_keys, email_only, full]).await;
+    assert_eq!(run_once(&db, &api, &[]).await.synced, 3);
+    let only_email = json!({"customer_id": forgotten, "email": "new@example.com"});
+    insert(&db.pool, &[only_email]).await;
+    assert_eq!(run_once(&db, &api, &[]).await.synced, 1);
+
+    let response: Value = common::sync_state(&db.pool, &dropped_key, "response").await;
+    assert_eq!(
+        response["metadata"],
+        json!({"version": 1}),
+        "Imprint's metadata: {response}"
+    );
+
+    let response: Value = common::sync_state(&db.pool, &empty, "response").await;
+    assert_eq!(
+        response["metadata"],
+        json!({}),
+        "an empty metadata: {response}"
+    );
+    let address = response.get("address").and_then(Value::as_object);
+    assert!(
+        address.is_some_and(|a| a.values().all(Value::is_null)),
+        "an empty address: {response}"
+    );
+
+    let response: Value = common::sync_state(&db.pool, &forgotten, "response").await;
+    let accepted: Value = common::sync_state(&db.pool, &forgotten, "accepted").await;
+    assert_eq!(accepted["city"], "Springfield");
+    assert_eq!(
+        response["address"].get("city"),
+        Some(&Value::Null),
+        "the city Imprint no longer holds must not read as the accepted one: {response}"
+    );
 }
