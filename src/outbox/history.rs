@@ -52,26 +52,56 @@ pub struct History {
     pub attempts: Vec<Attempt>,
 }
 
+/// The states a row can be in, each matching the predicate of a partial index by customer
+/// (no index holds every row).
+const BY_STATE: [&str; 4] = [
+    "sync_status = 'pending'",
+    "sync_status = 'in_flight'",
+    "sync_status = 'failed'",
+    "sync_status IN ('synced', 'superseded')",
+];
+
+/// `SELECT {select} … WHERE customer_id = $1 AND <state> {rest}` for every state, joined by
+/// `UNION ALL`.
+fn each_state(select: &str, rest: &str) -> String {
+    BY_STATE
+        .iter()
+        .map(|state| {
+            format!(
+                "(SELECT {select} FROM imprint_sync.customer_outbox
+                  WHERE customer_id = $1 AND {state} {rest})"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+}
+
 /// Reads a customer's newest `limit` rows and their attempts, oldest first; each read goes
 /// through a per-customer index (or the attempts' outbox-id index, driven by those rows), so
-/// a customer with a long history costs no more than `limit` rows.
+/// a customer with a long history costs no more than `limit` rows per state.
 pub async fn load(pool: &PgPool, customer_id: &str, limit: u32) -> sqlx::Result<History> {
-    let mut rows: Vec<HistoryRow> = sqlx::query_as(
-        "SELECT id, sync_status AS status, enqueued_at, synced_at, attempts,
-                last_error_code AS error_code, superseded_by
-         FROM imprint_sync.customer_outbox WHERE customer_id = $1 ORDER BY id DESC LIMIT $2",
-    )
-    .bind(customer_id)
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await?;
+    let newest = format!(
+        "SELECT * FROM ({}) r ORDER BY id DESC LIMIT $2",
+        each_state(
+            "id, sync_status AS status, enqueued_at, synced_at, attempts,
+             last_error_code AS error_code, superseded_by",
+            "ORDER BY id DESC LIMIT $2"
+        )
+    );
+    let mut rows: Vec<HistoryRow> = sqlx::query_as(sqlx::AssertSqlSafe(newest))
+        .bind(customer_id)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
     rows.reverse();
-    let rows_total: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM imprint_sync.customer_outbox WHERE customer_id = $1",
-    )
-    .bind(customer_id)
-    .fetch_one(pool)
-    .await?;
+    let count = format!(
+        "SELECT sum(n)::int8 FROM ({}) c",
+        each_state("count(*) AS n", "")
+    );
+    let rows_total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count))
+        .bind(customer_id)
+        .fetch_one(pool)
+        .await?;
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     // By outbox id (indexed) and customer: attempts of rows already pruned are gone anyway.
     let attempts: Vec<Attempt> = sqlx::query_as(

@@ -149,10 +149,19 @@ FROM imprint_sync.customer_sync_state s
 CROSS JOIN LATERAL jsonb_populate_record(NULL::imprint_sync.customer_outbox,
                                          COALESCE(s.accepted, '{}'::jsonb)) p
 WHERE s.customer_id = $1 AND s.last_synced_outbox_id = $2
+  -- One look-up per state, each through the partial index of that state by customer.
   AND NOT EXISTS (
       SELECT 1 FROM imprint_sync.customer_outbox o
       WHERE o.customer_id = s.customer_id AND o.id > s.last_synced_outbox_id
-        AND o.sync_status IN ('pending', 'in_flight', 'failed'))
+        AND o.sync_status = 'pending')
+  AND NOT EXISTS (
+      SELECT 1 FROM imprint_sync.customer_outbox o
+      WHERE o.customer_id = s.customer_id AND o.id > s.last_synced_outbox_id
+        AND o.sync_status = 'in_flight')
+  AND NOT EXISTS (
+      SELECT 1 FROM imprint_sync.customer_outbox o
+      WHERE o.customer_id = s.customer_id AND o.id > s.last_synced_outbox_id
+        AND o.sync_status = 'failed')
 RETURNING id
 "#;
 
