@@ -428,8 +428,13 @@ async fn a_partner_insert_writes_three_index_entries_per_row() {
         .iter()
         // An entry goes in by an INSERT_LEAF record, or by a page split's record.
         .filter(|(kind, _)| {
-            ["Btree/INSERT_LEAF", "Btree/INSERT_POST", "Btree/SPLIT_L", "Btree/SPLIT_R"]
-                .contains(&kind.as_str())
+            [
+                "Btree/INSERT_LEAF",
+                "Btree/INSERT_POST",
+                "Btree/SPLIT_L",
+                "Btree/SPLIT_R",
+            ]
+            .contains(&kind.as_str())
         })
         .map(|(_, (n, _))| n)
         .sum();
@@ -580,4 +585,34 @@ async fn history_and_repair_find_a_customers_rows_through_indexes() {
     }
     assert!(repairs[3].1.is_some(), "nothing newer to send: repaired");
     assert_eq!(seq_after, seq_before, "the outbox was scanned sequentially");
+}
+
+/// The daemon's statements are short and run by the thousand: compiling one with JIT costs
+/// far more than it saves (the claim's merge, costed high by the planner settings that keep
+/// it on indexes, took 170 compiled functions and ~300 ms of JIT per claim). The daemon's
+/// sessions never JIT-compile, whatever the server's `jit` setting; a server session does
+/// here (the control: the test can fail).
+#[tokio::test]
+async fn the_daemons_sessions_never_jit_compile() {
+    let db = TestDb::new().await;
+    // Costed far above `jit_above_cost` (100,000 by default); planned, never run.
+    let costly = "EXPLAIN (FORMAT JSON) SELECT sum(g) FROM generate_series(1, 100000000) g";
+    let jit = |plan: &serde_json::Value| plan[0].get("JIT").is_some();
+    let available: bool = sqlx::query_scalar("SELECT pg_jit_available()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let server: serde_json::Value = sqlx::query_scalar(costly)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jit(&server), available, "the control: {server}");
+    let env = [("DATABASE_URL".to_owned(), db.url.clone())];
+    let settings = imprint_sync::config::Settings::load_from(None, env).expect("settings");
+    let pool = imprint_sync::db::pool(&settings.database).unwrap();
+    let daemon: serde_json::Value = sqlx::query_scalar(costly).fetch_one(&pool).await.unwrap();
+    assert!(
+        !jit(&daemon),
+        "the daemon's session compiled with JIT: {daemon}"
+    );
 }
