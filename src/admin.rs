@@ -38,6 +38,35 @@ fn gauges_gap(took: Duration) -> Duration {
         .min(GAUGES_MAX_GAP)
 }
 
+/// When the outbox gauges may be read next.
+struct GaugesPace {
+    next_read: tokio::time::Instant,
+}
+
+impl GaugesPace {
+    fn new() -> Self {
+        Self {
+            next_read: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Runs `read` unless the last read's gap has not passed yet (then `None`).
+    async fn read<T, E>(
+        &mut self,
+        read: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Option<Result<T, E>> {
+        let started = tokio::time::Instant::now();
+        if started < self.next_read {
+            return None;
+        }
+        let result = read.await;
+        // Whatever came of it: a read that failed late (`statement_timeout` on a large
+        // backlog) cost as much as one that succeeded.
+        self.next_read = started + gauges_gap(started.elapsed());
+        Some(result)
+    }
+}
+
 /// The process-wide Prometheus recorder (installed once; later calls share it).
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -282,7 +311,7 @@ async fn status_json(State(s): State<AppState>) -> Response {
 /// The outbox gauges, from one cheap query every few seconds, and the traffic gauges.
 async fn refresh_gauges(store: Store, state: AppState, stop: CancellationToken) {
     let mut every = tokio::time::interval(GAUGES_EVERY);
-    let mut next_read = tokio::time::Instant::now();
+    let mut pace = GaugesPace::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -298,19 +327,15 @@ async fn refresh_gauges(store: Store, state: AppState, stop: CancellationToken) 
             .set(f64::from(u8::from(gate == GateState::AuthPaused)));
         metrics::gauge!("imprint_sync_rate_limit_effective_rps")
             .set(state.traffic.rate.effective());
-        let started = tokio::time::Instant::now();
-        if started < next_read {
-            continue;
-        }
-        match store.gauges().await {
-            Ok(g) => {
+        match pace.read(store.gauges()).await {
+            None => {}
+            Some(Ok(g)) => {
                 metrics::gauge!("imprint_sync_outbox_pending").set(g.pending as f64);
                 metrics::gauge!("imprint_sync_outbox_failed").set(g.failed as f64);
                 metrics::gauge!("imprint_sync_outbox_oldest_pending_age_seconds")
                     .set(g.oldest_pending_age_seconds.unwrap_or(0.0));
-                next_read = started + gauges_gap(started.elapsed());
             }
-            Err(e) => tracing::debug!(error = %e, "could not refresh the outbox gauges"),
+            Some(Err(e)) => tracing::debug!(error = %e, "could not refresh the outbox gauges"),
         }
     }
 }
@@ -329,5 +354,26 @@ mod tests {
         assert_eq!(gauges_gap(ms(100)), ms(5_000), "2 % of a backend");
         assert_eq!(gauges_gap(Duration::from_secs(5)), GAUGES_MAX_GAP);
         assert_eq!(gauges_gap(Duration::MAX), GAUGES_MAX_GAP);
+    }
+
+    /// A read that fails after a long wait (`statement_timeout` on a huge backlog, a pool
+    /// exhausted) costs as much as one that succeeds: it is spaced out all the same, or the
+    /// daemon would spend a database backend on the gauges back to back (adversarial review).
+    #[tokio::test(start_paused = true)]
+    async fn a_costly_failed_gauges_read_is_spaced_out_too() {
+        let mut pace = GaugesPace::new();
+        let mut reads = 0;
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < end {
+            let slow_failure = async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Err::<(), &str>("canceling statement due to statement timeout")
+            };
+            if pace.read(slow_failure).await.is_some() {
+                reads += 1;
+            }
+            tokio::time::sleep(GAUGES_EVERY).await;
+        }
+        assert!(reads <= 3, "{reads} reads of 5 s each in 60 s");
     }
 }
