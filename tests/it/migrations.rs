@@ -559,3 +559,79 @@ async fn migrate_waiting_for_a_lock_never_stalls_the_partners_inserts() {
     assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert_fully_migrated(&db).await;
 }
+
+/// The checksum (SHA-384 of the file's bytes) of every migration as it first landed on main:
+/// `migrate` fails on every database that applied a migration whose bytes changed since
+/// ("previously applied but has been modified"), so none may change (CONTRIBUTING.md, "Never
+/// edit an applied migration"). A new migration adds its line here when it lands.
+const LANDED: [(i64, &str); 10] = [
+    (
+        1,
+        "4a17adc5edefcb93a88aff115952b99a583350c73268ec11ee9db63b6f78388db6d83b750a83b6746fb00457a58e2c9a",
+    ),
+    (
+        2,
+        "f54f71a63b0d2cd57e2dcf2b2cf64733d5321735a90b8ab8b2f1acff40971509bcf3ade730a223d0c1de2084bd587773",
+    ),
+    (
+        3,
+        "7c8c5f4e5a72768cab83563f9a513a301298eb5647c7f950d363612e9b578d15ed0d3f96dbec7f07f58bb4e4c92b0abf",
+    ),
+    (
+        4,
+        "a29d52620818f23f48f69b333675b9e25b994c476431cba9ce0a2c936af31f79aa584b6cf282dbeaea005800601035f9",
+    ),
+    (
+        5,
+        "ff148e925ff1dc80fe1a4ae73a6808a03aa142ed4e4380365c978ff074f3428b4b6e45e4618a1d68e7e4c28acb6a0a5b",
+    ),
+    (
+        6,
+        "2f50aae9947dca8c154317301bf83adf27c9acd64bdd4155a1521f009bafa63b7a1fadd5648db4f3cd59ee41125133a1",
+    ),
+    (
+        7,
+        "de098a01c1c28120d15b071a3f40570bb681a33a4795bf797a969ce4bf403d63f7c0876a2619226b4e023ec5676ac624",
+    ),
+    (
+        8,
+        "3e21552c349a8f862a87878d4e2ced5ef2bbf9fe015485e1984ae5f0073692a93da63adb76b0304bc349a193a0fc1bc7",
+    ),
+    (
+        9,
+        "7aefbf5042bff537cf78a7df017dd863a6f205a301889b953e3a9a64202f7ec26cc690efe1644eba703914c2d24bca01",
+    ),
+    (
+        10,
+        "1c2abbaebd27516a6b285d54cef6968bbb96615dae7fc5aba53edc8ed62b7d1c9c0b53c7bc33cc20eaa888d744cd96d7",
+    ),
+];
+
+/// 0009's comment was reworded after it had landed (adversarial review): every database
+/// migrated in between then failed `migrate`.
+#[test]
+fn no_migration_that_landed_is_ever_edited() {
+    let embedded: Vec<(i64, String)> = imprint_sync::db::migrator()
+        .iter()
+        .map(|m| {
+            let hex: String = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
+            (m.version, hex)
+        })
+        .collect();
+    for (version, landed) in LANDED {
+        let now = embedded
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, hex)| hex.as_str());
+        assert_eq!(
+            now,
+            Some(landed),
+            "migration {version} changed since it landed"
+        );
+    }
+    assert_eq!(
+        embedded.len(),
+        LANDED.len(),
+        "a new migration adds its checksum to LANDED"
+    );
+}
