@@ -564,7 +564,7 @@ async fn migrate_waiting_for_a_lock_never_stalls_the_partners_inserts() {
 /// `migrate` fails on every database that applied a migration whose bytes changed since
 /// ("previously applied but has been modified"), so none may change (CONTRIBUTING.md, "Never
 /// edit an applied migration"). A new migration adds its line here when it lands.
-const LANDED: [(i64, &str); 10] = [
+const LANDED: [(i64, &str); 11] = [
     (
         1,
         "4a17adc5edefcb93a88aff115952b99a583350c73268ec11ee9db63b6f78388db6d83b750a83b6746fb00457a58e2c9a",
@@ -605,6 +605,10 @@ const LANDED: [(i64, &str); 10] = [
         10,
         "1c2abbaebd27516a6b285d54cef6968bbb96615dae7fc5aba53edc8ed62b7d1c9c0b53c7bc33cc20eaa888d744cd96d7",
     ),
+    (
+        11,
+        "c0b992248d1d67865824175d3a525141a496e9548d7a0086aff9fc635726c3a3b23c4ed730ce48f3a93f58a80dbf0351",
+    ),
 ];
 
 /// 0009's comment was reworded after it had landed (adversarial review): every database
@@ -634,4 +638,71 @@ fn no_migration_that_landed_is_ever_edited() {
         LANDED.len(),
         "a new migration adds its checksum to LANDED"
     );
+}
+
+/// 0010 keeps an index made beforehand under its name (a DBA's `CREATE INDEX CONCURRENTLY`,
+/// to spare the partner's inserts the wait) and drops the index of every row. An index made
+/// with another definition (only `'synced'` in the predicate, other columns) was kept as it
+/// was: `history` then scanned the whole outbox for a customer's settled rows. 0011 builds
+/// such an index again as defined; one made as defined is left alone, and an invalid one (a
+/// concurrent build given up) is valid after `migrate` (adversarial review).
+#[tokio::test]
+async fn a_settled_index_made_beforehand_is_kept_only_as_defined() {
+    const DEFINED: &str = "CREATE INDEX customer_outbox_settled_customer_idx \
+        ON imprint_sync.customer_outbox USING btree (customer_id, id) \
+        WHERE (sync_status = ANY (ARRAY['synced'::text, 'superseded'::text]))";
+    let made = |def: &str| {
+        format!(
+            "CREATE INDEX customer_outbox_settled_customer_idx ON imprint_sync.customer_outbox {def}"
+        )
+    };
+    for (case, sql, kept) in [
+        (
+            "as defined",
+            made("(customer_id, id) WHERE sync_status IN ('synced', 'superseded')"),
+            true,
+        ),
+        (
+            "only synced",
+            made("(customer_id, id) WHERE sync_status = 'synced'"),
+            false,
+        ),
+        ("other columns", made("(id)"), false),
+        (
+            "invalid",
+            made(
+                "(customer_id, id) WHERE sync_status IN ('synced', 'superseded');
+                  UPDATE pg_index SET indisvalid = false
+                  WHERE indexrelid = 'imprint_sync.customer_outbox_settled_customer_idx'::regclass",
+            ),
+            false,
+        ),
+    ] {
+        let db = TestDb::empty().await;
+        imprint_sync::db::migrator()
+            .run_to(9, &db.pool)
+            .await
+            .expect("migrations 1 to 9");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&db.pool)
+            .await
+            .expect(case);
+        let oid = "SELECT 'imprint_sync.customer_outbox_settled_customer_idx'::regclass::oid::int8";
+        let before: i64 = sqlx::query_scalar(oid).fetch_one(&db.pool).await.unwrap();
+        let out = migrate(&db);
+        assert_eq!(out.status.code(), Some(0), "{case}: {}", output_text(&out));
+        assert_fully_migrated(&db).await;
+        let (def, valid, after): (String, bool, i64) = sqlx::query_as(
+            "SELECT pg_get_indexdef(indexrelid), indisvalid, indexrelid::oid::int8 FROM pg_index
+             WHERE indexrelid = 'imprint_sync.customer_outbox_settled_customer_idx'::regclass",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(def, DEFINED, "{case}");
+        assert!(valid, "{case}: valid");
+        if kept {
+            assert_eq!(after, before, "{case}: not built again");
+        }
+    }
 }
