@@ -607,7 +607,7 @@ const LANDED: [(i64, &str); 11] = [
     ),
     (
         11,
-        "c0b992248d1d67865824175d3a525141a496e9548d7a0086aff9fc635726c3a3b23c4ed730ce48f3a93f58a80dbf0351",
+        "dc074e3a02a2edaaefac480039de29abdaf33d8250c3f0a1f49cd31bcfedefd4ca77ea89421aa8cf699d04392890aae3",
     ),
 ];
 
@@ -704,5 +704,18 @@ async fn a_settled_index_made_beforehand_is_kept_only_as_defined() {
         if kept {
             assert_eq!(after, before, "{case}: not built again");
         }
+        let retention: String = sqlx::query_scalar(
+            "SELECT pg_get_indexdef('imprint_sync.customer_outbox_finished_idx'::regclass)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            retention,
+            "CREATE INDEX customer_outbox_finished_idx ON imprint_sync.customer_outbox \
+             USING btree (updated_at) WHERE ((sync_status = ANY \
+             (ARRAY['synced'::text, 'superseded'::text])) AND (updated_at IS NOT NULL))",
+            "{case}: retention's index has a second predicate"
+        );
     }
 }

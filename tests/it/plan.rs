@@ -616,3 +616,60 @@ async fn the_daemons_sessions_never_jit_compile() {
         "the daemon's session compiled with JIT: {daemon}"
     );
 }
+
+/// Ends `pool`'s backend (see [`outbox_seq_scans_after`]) and returns the outbox's rows and
+/// index entries read so far: sequential tuples read plus every index's entries read.
+async fn outbox_reads_after(db: &TestDb, pool: sqlx::PgPool, marks: i64) -> i64 {
+    outbox_seq_scans_after(db, pool, marks).await;
+    sqlx::query_scalar(
+        "SELECT (SELECT seq_tup_read FROM pg_stat_user_tables
+                  WHERE relid = 'imprint_sync.customer_outbox'::regclass)
+              + (SELECT sum(idx_tup_read)::int8 FROM pg_stat_user_indexes
+                  WHERE relid = 'imprint_sync.customer_outbox'::regclass)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Statistics taken while the rows were pending (a bulk import analyzed before the daemon
+/// synced it; autovacuum not yet back) say no row is settled, so the retention index
+/// `customer_outbox_finished_idx`, whose predicate is the settled index's, looks as cheap:
+/// `history` read a customer's settled rows through it, every settled row of the outbox
+/// filtered by customer (adversarial review). 0011 gives it a second predicate only
+/// retention states, as 0005 did for the due index.
+#[tokio::test]
+async fn history_reads_few_entries_when_its_rows_settled_after_the_last_analyze() {
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let setup = one_backend(&db).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE imprint_sync.customer_outbox SET (autovacuum_enabled = false);
+         {};
+         INSERT INTO imprint_sync.customer_outbox (customer_id, email)
+         SELECT 'C-ALL', 'x' FROM generate_series(1, 4);
+         ANALYZE imprint_sync.customer_outbox;
+         UPDATE imprint_sync.customer_outbox SET sync_status = 'synced';
+         UPDATE imprint_sync.customer_outbox SET sync_status = 'superseded'
+          WHERE id = (SELECT min(id) FROM imprint_sync.customer_outbox
+                       WHERE customer_id = 'C-ALL');",
+        rows(200_000, "pending")
+    )))
+    .execute(&setup)
+    .await
+    .unwrap();
+    let before = outbox_reads_after(&db, setup, 1).await;
+
+    let pool = one_backend(&db).await;
+    let story = imprint_sync::outbox::history::load(&pool, "C-ALL", 3)
+        .await
+        .expect("history");
+    let read = outbox_reads_after(&db, pool, 2).await - before;
+
+    assert_eq!(story.rows_total, 4);
+    assert_eq!(story.rows.len(), 3);
+    assert!(
+        read <= 100,
+        "history read {read} outbox rows and index entries for a customer with 4 rows"
+    );
+}
