@@ -425,17 +425,10 @@ pub(super) async fn claim(
         tx: pool.begin().await?,
         work: measure.then_some(0.0),
     };
-    // The plans must not depend on statistics: every step below is an index look-up driven
-    // by the batch, and these keep the planner from trading one for a scan on a bad estimate.
-    // A plan costed with those off looks expensive enough for JIT, which would compile the
-    // merge on every claim (~300 ms): off too, whatever pool the claim runs on.
-    sqlx::raw_sql(
-        "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
-         SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
-         SET LOCAL jit = off",
-    )
-    .execute(&mut *tx.tx)
-    .await?;
+    // The plans must not depend on statistics (see `INDEXES_ONLY`).
+    sqlx::raw_sql(super::plan::INDEXES_ONLY)
+        .execute(&mut *tx.tx)
+        .await?;
     let limit_n = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut claim = Claim::default();
 

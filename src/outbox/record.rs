@@ -73,11 +73,16 @@ pub struct Applied {
 
 /// The write-back of a batch of outcomes, guarded by the lease owner: a row whose lease was
 /// lost (rescued by another worker) is left alone. The attempt log is written regardless.
+/// Every step is driven by the batch: the outbox rows by primary key, the sync state from
+/// the written rows themselves (its columns travel with them), never a join of one batch-sized
+/// set against another.
 const RECORD_SQL: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[], $5::int[],
-                         $6::text[], $7::text[], $23::timestamptz[], $26::bigint[])
-        AS t(id, status, attempt_inc, delay_ms, http_status, error_code, error, claim, hold_ms)
+                         $6::text[], $7::text[], $9::timestamptz[], $10::bigint[],
+                         $11::timestamptz[], $12::text[], $13::text[], $14::text[], $15::text[])
+        AS t(id, status, attempt_inc, delay_ms, http_status, error_code, error, claim, hold_ms,
+             imprint_updated_at, statuses, response, drift, accepted)
 ),
 done AS (
     UPDATE imprint_sync.customer_outbox o
@@ -97,9 +102,13 @@ done AS (
         claims = 0,
         updated_at = now()
     FROM input i
-    WHERE o.id = i.id AND o.sync_status = 'in_flight' AND o.leased_by = $8
-      AND o.lease_expires_at = i.claim
-    RETURNING o.id, o.customer_id, o.sync_status, o.enqueued_at, i.claim, i.hold_ms
+    -- `IS NOT DISTINCT FROM` (the same as `=` here: the column is NOT NULL) implies no
+    -- partial index's predicate: the rows are found by primary key from the batch, never by
+    -- reading the index of the rows in flight, whose size the statistics may get wrong.
+    WHERE o.id = i.id AND o.sync_status IS NOT DISTINCT FROM 'in_flight'
+      AND o.leased_by = $8 AND o.lease_expires_at = i.claim
+    RETURNING o.id, o.customer_id, o.sync_status, o.enqueued_at, i.hold_ms,
+              i.imprint_updated_at, i.statuses, i.response, i.drift, i.accepted
 ),
 -- The quiet period (G2): after a timeout or a broken connection the request may still be
 -- applied, so nothing newer is claimed for the customer before it has surely ended.
@@ -113,12 +122,10 @@ state AS (
     INSERT INTO imprint_sync.customer_sync_state AS s
         (customer_id, last_synced_outbox_id, last_synced_at, imprint_updated_at, statuses,
          response, drift, accepted)
-    SELECT d.customer_id, d.id, now(), x.imprint_updated_at, x.statuses::jsonb,
-           x.response::jsonb, x.drift::jsonb, x.accepted::jsonb
-    FROM unnest($9::bigint[], $10::timestamptz[], $11::text[], $12::text[], $13::text[],
-                $24::timestamptz[], $25::text[])
-        AS x(id, imprint_updated_at, statuses, response, drift, claim, accepted)
-    JOIN done d ON d.id = x.id AND d.claim = x.claim
+    SELECT d.customer_id, d.id, now(), d.imprint_updated_at, d.statuses::jsonb,
+           d.response::jsonb, d.drift::jsonb, d.accepted::jsonb
+    FROM done d
+    WHERE d.sync_status = 'synced'
     -- Requests of a customer go one at a time (G1) and carry no column older than one already
     -- sent (G2), so each synced answer is the newest: a late row's answer too, whose columns
     -- no newer row had set.
@@ -137,24 +144,27 @@ log AS (
          error_code, error_message, worker_id)
     SELECT a.outbox_id, a.customer_id, a.attempt, a.started_at, a.duration_ms, a.http_status,
            a.outcome, a.error_code, a.error_message, $8
-    FROM unnest($14::bigint[], $15::text[], $16::int[], $17::timestamptz[], $18::int[],
-                $19::int[], $20::text[], $21::text[], $22::text[])
+    FROM unnest($16::bigint[], $17::text[], $18::int[], $19::timestamptz[], $20::int[],
+                $21::int[], $22::text[], $23::text[], $24::text[])
         AS a(outbox_id, customer_id, attempt, started_at, duration_ms, http_status, outcome,
              error_code, error_message)
-)
-SELECT d.id,
-       CASE WHEN d.sync_status = 'synced'
-            THEN extract(epoch FROM now() - d.enqueued_at)::float8 END AS lag_seconds
-FROM done d
+),
 -- The write-back commits without waiting for its WAL to reach disk (flushed within
 -- 3 x wal_writer_delay). A database crash in that window loses the outcome, never the row:
 -- it is still in flight under its lease, is rescued when the lease expires and sent again,
 -- an idempotent update (docs/design.md, "Durability of the write-back"). Not so a quiet
 -- period: lost, it would end with the lease, up to api.timeout_ms too early (G2); a batch
--- that starts one waits for the disk. One row whatever the batch, so no row is dropped.
-CROSS JOIN (SELECT CASE WHEN bool_or(h.hold_ms IS NOT NULL) IS NOT TRUE
-                        THEN set_config('synchronous_commit', 'off', true) END
-            FROM done h) AS quick_commit
+-- that starts one waits for the disk. One row whatever the batch, so no row is dropped;
+-- MATERIALIZED, so it is worked out once, not once per written row over every written row.
+quick_commit AS MATERIALIZED (
+    SELECT CASE WHEN bool_or(h.hold_ms IS NOT NULL) IS NOT TRUE
+                THEN set_config('synchronous_commit', 'off', true) END
+    FROM done h
+)
+SELECT d.id,
+       CASE WHEN d.sync_status = 'synced'
+            THEN extract(epoch FROM now() - d.enqueued_at)::float8 END AS lag_seconds
+FROM done d CROSS JOIN quick_commit
 "#;
 
 /// A batch of outcomes as the write-back's columns, one array per bound parameter (`$n` in
@@ -171,14 +181,12 @@ struct Columns<'a> {
     error: Vec<Option<&'a str>>,
     claim: Vec<Option<DateTime<Utc>>>,
     hold_ms: Vec<Option<i64>>,
-    // The synced rows' sync state.
-    state_id: Vec<i64>,
-    state_claim: Vec<Option<DateTime<Utc>>>,
+    // The synced rows' sync state, row for row with the above (NULL for the others).
     imprint_updated_at: Vec<Option<DateTime<Utc>>>,
     statuses: Vec<Option<&'a str>>,
     response: Vec<Option<&'a str>>,
     drift: Vec<Option<&'a str>>,
-    accepted: Vec<&'a str>,
+    accepted: Vec<Option<&'a str>>,
     // The attempt log.
     log_id: Vec<i64>,
     log_customer: Vec<&'a str>,
@@ -208,13 +216,11 @@ impl<'a> Columns<'a> {
                     drift,
                     accepted,
                 } => {
-                    c.state_id.push(r.id);
-                    c.state_claim.push(r.claim);
                     c.imprint_updated_at.push(*imprint_updated_at);
                     c.statuses.push(statuses.as_deref());
                     c.response.push(response.as_deref());
                     c.drift.push(drift.as_deref());
-                    c.accepted.push(accepted.as_str());
+                    c.accepted.push(Some(accepted.as_str()));
                     ("synced", 1, None)
                 }
                 Disposition::Retry { delay, counts } => {
@@ -223,6 +229,13 @@ impl<'a> Columns<'a> {
                 Disposition::Failed { counts } => ("failed", i32::from(*counts), None),
                 Disposition::Release => ("pending", 0, None),
             };
+            if status != "synced" {
+                c.imprint_updated_at.push(None);
+                c.statuses.push(None);
+                c.response.push(None);
+                c.drift.push(None);
+                c.accepted.push(None);
+            }
             c.id.push(r.id);
             c.status.push(status);
             c.attempt_inc.push(inc);
@@ -260,11 +273,13 @@ impl Columns<'_> {
             .bind(&self.error_code)
             .bind(&self.error)
             .bind(worker_id)
-            .bind(&self.state_id)
+            .bind(&self.claim)
+            .bind(&self.hold_ms)
             .bind(&self.imprint_updated_at)
             .bind(&self.statuses)
             .bind(&self.response)
             .bind(&self.drift)
+            .bind(&self.accepted)
             .bind(&self.log_id)
             .bind(&self.log_customer)
             .bind(&self.log_attempt)
@@ -274,10 +289,6 @@ impl Columns<'_> {
             .bind(&self.log_outcome)
             .bind(&self.log_error_code)
             .bind(&self.log_error)
-            .bind(&self.claim)
-            .bind(&self.state_claim)
-            .bind(&self.accepted)
-            .bind(&self.hold_ms)
     }
 }
 
@@ -288,28 +299,37 @@ fn applied(rows: &[sqlx::postgres::PgRow]) -> sqlx::Result<Vec<Applied>> {
 impl Store {
     /// Writes a batch of outcomes in one statement; returns the rows it applied to.
     pub async fn record(&self, records: &[Record]) -> sqlx::Result<Vec<Applied>> {
-        let c = Columns::of(records);
-        let rows = c
-            .bind(sqlx::query(RECORD_SQL), &self.worker_id)
-            .fetch_all(&self.pool)
-            .await?;
-        applied(&rows)
+        Ok(self.write_back(records, false).await?.0)
     }
 
     /// The write-back, first run under `EXPLAIN (ANALYZE, FORMAT JSON)` with a generic plan and
-    /// rolled back:
-    /// returns what it applied and the work of its plan (rows produced and removed, times
-    /// loops: [`super::plan::work`]), for tests and the benchmark.
+    /// rolled back: returns what it applied and the work of its plan (rows produced and
+    /// removed, times loops: [`super::plan::work`]), for tests and the benchmark.
     pub async fn record_measured(&self, records: &[Record]) -> sqlx::Result<(Vec<Applied>, f64)> {
+        self.write_back(records, true).await
+    }
+
+    async fn write_back(
+        &self,
+        records: &[Record],
+        measure: bool,
+    ) -> sqlx::Result<(Vec<Applied>, f64)> {
         let c = Columns::of(records);
         let mut tx = self.pool.begin().await?;
-        // The plan a prepared statement may settle on after a few executions, whose
-        // estimates do not see the arrays' sizes: the one that must stay bounded.
-        sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        // The plans must not depend on statistics (see `INDEXES_ONLY`).
+        sqlx::raw_sql(super::plan::INDEXES_ONLY)
             .execute(&mut *tx)
             .await?;
-        let work =
-            super::plan::measure(&mut tx, RECORD_SQL, |q| c.bind(q, &self.worker_id)).await?;
+        let work = if measure {
+            // The plan a prepared statement may settle on after a few executions, whose
+            // estimates do not see the arrays' sizes: the one that must stay bounded.
+            sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+                .execute(&mut *tx)
+                .await?;
+            super::plan::measure(&mut tx, RECORD_SQL, |q| c.bind(q, &self.worker_id)).await?
+        } else {
+            0.0
+        };
         let rows = c
             .bind(sqlx::query(RECORD_SQL), &self.worker_id)
             .fetch_all(&mut *tx)
