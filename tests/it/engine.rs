@@ -1171,3 +1171,117 @@ async fn an_answer_stored_once_loses_nothing_imprint_said() {
         "the city Imprint no longer holds must not read as the accepted one: {response}"
     );
 }
+
+/// The write-back's sync-state columns travel row for row with the outcomes (NULL for the
+/// rows that are not synced): a batch mixing every disposition, with a synced row whose lease
+/// was lost in the middle, writes each synced customer its own answer, and nothing at all
+/// (no sync state either) for the row it no longer holds.
+#[tokio::test]
+async fn a_mixed_batch_writes_each_synced_row_its_own_state_and_nothing_for_a_lost_lease() {
+    use imprint_sync::outbox::record::{Disposition, Record};
+    let db = TestDb::new().await;
+    let cs: Vec<String> = (0..6).map(|n| customer_id(18, n)).collect();
+    let profiles: Vec<Value> = cs.iter().map(|c| profile(c, 1)).collect();
+    let ids = insert(&db.pool, &profiles).await;
+    let store = Store::new(db.pool.clone(), "mixed");
+    let claim = store.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(claim.rows.len(), 6);
+    let lease = |i: usize| {
+        claim
+            .rows
+            .iter()
+            .find(|r| r.id == ids[i])
+            .unwrap()
+            .lease_expires_at
+    };
+    let synced = |i: usize, claim| Record {
+        disposition: Disposition::Synced {
+            imprint_updated_at: None,
+            statuses: Some(format!(r#"{{"n": {i}}}"#)),
+            response: Some(format!(r#"{{"n": {i}}}"#)),
+            drift: Some(format!(r#"["n{i}"]"#)),
+            accepted: format!(r#"{{"email": "c{i}"}}"#),
+        },
+        http_status: Some(200),
+        error_code: None,
+        error: None,
+        ..common::refused(ids[i], &cs[i], claim)
+    };
+    let retry = Record {
+        disposition: Disposition::Retry {
+            delay: Duration::from_secs(30),
+            counts: true,
+        },
+        http_status: None,
+        error_code: Some("timeout".into()),
+        error: Some("no answer".into()),
+        hold: Some(Duration::from_secs(30)),
+        ..common::refused(ids[1], &cs[1], lease(1))
+    };
+    let lost = lease(2).map(|t| t + chrono::Duration::seconds(1));
+    let release = Record {
+        disposition: Disposition::Release,
+        http_status: None,
+        error_code: None,
+        error: None,
+        ..common::refused(ids[4], &cs[4], lease(4))
+    };
+    let batch = [
+        retry,
+        synced(0, lease(0)),
+        common::refused(ids[3], &cs[3], lease(3)),
+        synced(2, lost),
+        release,
+        synced(5, lease(5)),
+    ];
+    let applied = store.record(&batch).await.unwrap();
+    let mut applied: Vec<i64> = applied.iter().map(|a| a.id).collect();
+    applied.sort_unstable();
+    assert_eq!(applied, [ids[0], ids[1], ids[3], ids[4], ids[5]]);
+
+    let states: Vec<(String, Value, Value, Value, Value, i64)> = sqlx::query_as(
+        "SELECT customer_id, statuses, response, drift, accepted, last_synced_outbox_id
+         FROM imprint_sync.customer_sync_state ORDER BY customer_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let expected: Vec<(String, Value, Value, Value, Value, i64)> = [0, 5]
+        .into_iter()
+        .map(|i| {
+            (
+                cs[i].clone(),
+                json!({"n": i}),
+                json!({"n": i}),
+                json!([format!("n{i}")]),
+                json!({"email": format!("c{i}")}),
+                ids[i],
+            )
+        })
+        .collect();
+    assert_eq!(
+        states, expected,
+        "only the applied synced rows, each its own"
+    );
+
+    let r = row(&db.pool, ids[2]).await;
+    assert_eq!(
+        r.sync_status, "in_flight",
+        "the lost lease's row is untouched"
+    );
+    assert_eq!(row(&db.pool, ids[1]).await.sync_status, "pending");
+    assert_eq!(row(&db.pool, ids[3]).await.sync_status, "failed");
+    assert_eq!(row(&db.pool, ids[4]).await.sync_status, "pending");
+    let held: Vec<String> = sqlx::query_scalar(
+        "SELECT customer_id FROM imprint_sync.customer_claims WHERE hold_until > now()
+         ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        held,
+        [cs[1].clone()],
+        "the quiet period of the timed-out row only"
+    );
+}
