@@ -877,10 +877,15 @@ async fn a_black_holed_database_connection_is_given_up_and_recovered() {
         30,
         "a statement of the daemon waits for the lock",
         || async {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                .fetch_one(&db.pool)
-                .await
-                .unwrap()
+            // This database's waits only: another test's lock wait is not the daemon's.
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_locks
+                 WHERE NOT granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
                 > 0
         },
     )
