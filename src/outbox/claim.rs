@@ -699,30 +699,20 @@ impl Store {
     }
 
     async fn rescue(&self, measure: bool) -> sqlx::Result<(u64, f64)> {
-        let mut tx = self.pool.begin().await?;
-        // Through the partial index of rows in flight (as many as the workers hold), never a
-        // scan of the outbox, whatever the statistics say. A plain index scan, not a bitmap:
-        // until the outbox is vacuumed the index keeps an entry for every row that went
-        // through `in_flight` (the update of `sync_status` is never HOT); an index scan marks
-        // them dead as it passes, a bitmap scan fetches them all again on every rescue.
-        sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
-            .execute(&mut *tx)
-            .await?;
-        let work = if measure {
-            super::plan::measure(&mut tx, RESCUE_SQL, |q| q).await?
-        } else {
-            0.0
-        };
-        let done = sqlx::query(RESCUE_SQL).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok((done.rows_affected(), work))
+        let (rows, work) =
+            super::plan::fetch_on_indexes(&self.pool, RESCUE_SQL, |q| q, measure).await?;
+        Ok((u64::try_from(rows.len()).unwrap_or(u64::MAX), work))
     }
 }
 
 /// Rows whose lease expired go back to `pending`. Read through
 /// `customer_outbox_one_in_flight_idx`: the rows in flight are few (a batch per worker), so
-/// the lease needs no index of its own, which every claim would write (0009).
+/// the lease needs no index of its own, which every claim would write (0009). A plain index
+/// scan, not a bitmap (`INDEXES_ONLY`): until the outbox is vacuumed the index keeps an entry
+/// for every row that went through `in_flight`; an index scan marks them dead as it passes,
+/// a bitmap scan fetches them all again on every rescue.
 const RESCUE_SQL: &str = "
 UPDATE imprint_sync.customer_outbox
 SET sync_status = 'pending', lease_expires_at = NULL, leased_by = NULL, updated_at = now()
-WHERE sync_status = 'in_flight' AND lease_expires_at < now()";
+WHERE sync_status = 'in_flight' AND lease_expires_at < now()
+RETURNING id";

@@ -4,7 +4,8 @@
 
 use serde_json::Value;
 use sqlx::postgres::PgArguments;
-use sqlx::{PgConnection, Postgres, Row};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 
 /// A statement of the outbox with its parameters bound.
 pub(crate) type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
@@ -17,6 +18,34 @@ pub(crate) type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 pub(crate) const INDEXES_ONLY: &str = "SET LOCAL enable_seqscan = off;
     SET LOCAL enable_bitmapscan = off; SET LOCAL enable_hashjoin = off;
     SET LOCAL enable_mergejoin = off; SET LOCAL jit = off";
+
+/// Runs `sql` with the parameters `bind` gives it in a transaction of its own under
+/// [`INDEXES_ONLY`]; with `measure`, first under `EXPLAIN ANALYZE` with the generic plan a
+/// prepared statement may settle on after a few executions (its estimates do not see the
+/// arrays' sizes: the plan that must stay bounded). Returns the rows and the plan's work
+/// (0 unless measured).
+pub(crate) async fn fetch_on_indexes<'q>(
+    pool: &PgPool,
+    sql: &'q str,
+    bind: impl Fn(Query<'q>) -> Query<'q>,
+    measure: bool,
+) -> sqlx::Result<(Vec<PgRow>, f64)> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(INDEXES_ONLY).execute(&mut *tx).await?;
+    let work = if measure {
+        sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await?;
+        self::measure(&mut tx, sql, &bind).await?
+    } else {
+        0.0
+    };
+    let rows = bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((rows, work))
+}
 
 /// The work of `sql`, with the parameters `bind` gives it, run under
 /// `EXPLAIN (ANALYZE, FORMAT JSON)` inside a savepoint that is rolled back: its effects are

@@ -315,26 +315,13 @@ impl Store {
         measure: bool,
     ) -> sqlx::Result<(Vec<Applied>, f64)> {
         let c = Columns::of(records);
-        let mut tx = self.pool.begin().await?;
-        // The plans must not depend on statistics (see `INDEXES_ONLY`).
-        sqlx::raw_sql(super::plan::INDEXES_ONLY)
-            .execute(&mut *tx)
-            .await?;
-        let work = if measure {
-            // The plan a prepared statement may settle on after a few executions, whose
-            // estimates do not see the arrays' sizes: the one that must stay bounded.
-            sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-                .execute(&mut *tx)
-                .await?;
-            super::plan::measure(&mut tx, RECORD_SQL, |q| c.bind(q, &self.worker_id)).await?
-        } else {
-            0.0
-        };
-        let rows = c
-            .bind(sqlx::query(RECORD_SQL), &self.worker_id)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let (rows, work) = super::plan::fetch_on_indexes(
+            &self.pool,
+            RECORD_SQL,
+            |q| c.bind(q, &self.worker_id),
+            measure,
+        )
+        .await?;
         Ok((applied(&rows)?, work))
     }
 }

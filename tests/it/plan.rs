@@ -360,30 +360,22 @@ async fn write_back_work_is_bounded_when_the_statistics_say_none_in_flight() {
 /// every row was in flight, and 200,000 rows have been synced since.
 #[tokio::test]
 async fn rescue_work_is_bounded_by_the_rows_in_flight() {
-    const IN_FLIGHT: i64 = 1_000;
     let _serial = SERIAL.lock().await;
     let db = TestDb::new().await;
     sql(
         &db,
-        "INSERT INTO imprint_sync.customer_outbox
-             (customer_id, email, sync_status, leased_by, lease_expires_at)
-         SELECT upper(gen_random_uuid()::text), 'x', 'in_flight', 'plan-test',
-                CASE WHEN g % 2 = 0 THEN now() - interval '1 minute'
-                     ELSE now() + interval '1 hour' END
-         FROM generate_series(1, 1000) g;
-         ANALYZE imprint_sync.customer_outbox;",
+        &format!(
+            "{}; ANALYZE imprint_sync.customer_outbox;",
+            in_flight_half_expired()
+        ),
     )
     .await;
     sql(&db, &rows(200_000, "synced")).await;
     let store = Store::new(db.pool.clone(), "plan-test");
-    let (rescued, work) = store.rescue_expired_measured().await.expect("rescue");
-    assert_eq!(rescued, 500, "the expired half is rescued");
-    #[allow(clippy::cast_precision_loss, reason = "1,000 rows")]
-    let per_row = work / IN_FLIGHT as f64;
-    eprintln!("rescue: plan work {work}, {per_row:.1} per row in flight");
-    assert!(
-        per_row <= 3.0,
-        "rescue work {per_row:.1} per row in flight (limit 3)"
+    assert_eq!(
+        bounded_rescue(&store, "rescue").await,
+        500,
+        "the expired half is rescued"
     );
 }
 
@@ -394,7 +386,6 @@ async fn rescue_work_is_bounded_by_the_rows_in_flight() {
 /// scan marks them dead as it passes, so its work stays with the rows in flight.
 #[tokio::test]
 async fn rescue_work_stays_bounded_after_a_drain_before_any_vacuum() {
-    const IN_FLIGHT: i64 = 1_000;
     let _serial = SERIAL.lock().await;
     let db = TestDb::new().await;
     sql(
@@ -407,29 +398,43 @@ async fn rescue_work_stays_bounded_after_a_drain_before_any_vacuum() {
                  lease_expires_at = now() + interval '1 minute';
              UPDATE imprint_sync.customer_outbox
              SET sync_status = 'synced', leased_by = NULL, lease_expires_at = NULL;
-             INSERT INTO imprint_sync.customer_outbox
-                 (customer_id, email, sync_status, leased_by, lease_expires_at)
-             SELECT upper(gen_random_uuid()::text), 'x', 'in_flight', 'plan-test',
-                    CASE WHEN g % 2 = 0 THEN now() - interval '1 minute'
-                         ELSE now() + interval '1 hour' END
-             FROM generate_series(1, {IN_FLIGHT}) g;",
-            rows(100_000, "pending")
+             {};",
+            rows(100_000, "pending"),
+            in_flight_half_expired()
         ),
     )
     .await;
     let store = Store::new(db.pool.clone(), "plan-test");
     for round in 1..=2 {
-        let (rescued, work) = store.rescue_expired_measured().await.expect("rescue");
-        #[allow(clippy::cast_precision_loss, reason = "1,000 rows")]
-        let per_row = work / IN_FLIGHT as f64;
-        eprintln!(
-            "rescue {round}: {rescued} rescued, plan work {work}, {per_row:.1} per row in flight"
-        );
-        assert!(
-            per_row <= 3.0,
-            "rescue {round}: work {per_row:.1} per row in flight (limit 3)"
-        );
+        bounded_rescue(&store, &format!("rescue {round}")).await;
     }
+}
+
+/// Rows in flight for the rescue cases, one per customer: half of their leases expired.
+const IN_FLIGHT: i64 = 1_000;
+
+fn in_flight_half_expired() -> String {
+    format!(
+        "INSERT INTO imprint_sync.customer_outbox
+             (customer_id, email, sync_status, leased_by, lease_expires_at)
+         SELECT upper(gen_random_uuid()::text), 'x', 'in_flight', 'plan-test',
+                CASE WHEN g % 2 = 0 THEN now() - interval '1 minute'
+                     ELSE now() + interval '1 hour' END
+         FROM generate_series(1, {IN_FLIGHT}) g"
+    )
+}
+
+/// One measured rescue, its work held to 3 per row in flight; returns the rows rescued.
+async fn bounded_rescue(store: &Store, case: &str) -> u64 {
+    let (rescued, work) = store.rescue_expired_measured().await.expect("rescue");
+    #[allow(clippy::cast_precision_loss, reason = "1,000 rows")]
+    let per_row = work / IN_FLIGHT as f64;
+    eprintln!("{case}: {rescued} rescued, plan work {work}, {per_row:.1} per row in flight");
+    assert!(
+        per_row <= 3.0,
+        "{case}: work {per_row:.1} per row in flight (limit 3)"
+    );
+    rescued
 }
 
 /// Issue 11, fewer indexes on the outbox: a partner's insert writes three index entries per
